@@ -1,0 +1,341 @@
+"""
+An early-exit GPT in one file: GPT-2 and Llama flavours, exit heads, a static KV cache.
+
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(arch='llama', n_layer=6, n_head=6, n_embd=384, exit_layers=(2, 4)))
+    logits, exit_logits = model(idx, exits=True)              # (B, T, V), [(B, T, V)] * 2
+    loss, exit_losses = model(idx, targets, exits=True)      # scalar, [scalar] * 2
+
+Early exits follow EE-LLM (Chen et al. 2023, arXiv 2312.04916): chosen layers carry an
+exit head that maps that layer's hidden state to next-token logits.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    arch: str = 'gpt2'             # 'gpt2': LayerNorm, GELU, learned positions, tied embeddings
+                                   # 'llama': RMSNorm, SwiGLU, RoPE, grouped-query attention
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int = None          # None: n_head (plain multi-head attention)
+    n_embd: int = 768
+    ffn_hidden: int = None         # None: 4 * n_embd (gpt2), 8/3 * n_embd rounded up to 64 (llama)
+    vocab_size: int = 50304
+    block_size: int = 1024         # longest sequence (positions table / RoPE table)
+    bias: bool = None              # None: True for gpt2, False for llama
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0    # llama only
+    tie_embeddings: bool = None    # None: True for gpt2, False for llama
+    # early exits (EE-LLM names)
+    exit_layers: tuple = ()        # 1-based block indices, strictly increasing
+    exit_pre: bool = False         # the exit reads the block's input instead of its output
+    exit_untie: bool = False       # own output matrix per exit instead of the LM head's
+    exit_norm: bool = False        # a norm before the exit's output matrix
+    exit_mlp: bool = False         # a residual MLP (with its own pre-norm) before that
+    exit_block: bool = False       # a whole transformer block before that
+
+    def __post_init__(self):
+        def check(ok, msg):
+            if not ok:
+                raise ValueError(f'GPTConfig: {msg}')
+        check(self.arch in ('gpt2', 'llama'), f"arch={self.arch!r}; allowed: 'gpt2', 'llama'")
+        for k in ('n_layer', 'n_head', 'n_embd', 'vocab_size', 'block_size'):
+            v = getattr(self, k)
+            check(isinstance(v, int) and v >= 1, f'{k}={v!r}; must be a positive int')
+        self.n_kv_head = self.n_head if self.n_kv_head is None else self.n_kv_head
+        check(isinstance(self.n_kv_head, int) and self.n_kv_head >= 1 and self.n_head % self.n_kv_head == 0,
+              f'n_kv_head={self.n_kv_head!r}; must divide n_head={self.n_head}')
+        check(self.n_embd % self.n_head == 0,
+              f'n_embd={self.n_embd} is not divisible by n_head={self.n_head}')
+        check(self.arch != 'llama' or self.head_dim % 2 == 0,
+              f'head_dim={self.head_dim} must be even for RoPE (n_embd / n_head)')
+        check(0.0 <= self.dropout < 1.0, f'dropout={self.dropout!r}; allowed: 0 <= dropout < 1')
+        check(self.norm_eps > 0, f'norm_eps={self.norm_eps!r}; must be > 0')
+        llama = self.arch == 'llama'
+        if self.ffn_hidden is None:
+            self.ffn_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64) if llama else 4 * self.n_embd
+        check(isinstance(self.ffn_hidden, int) and self.ffn_hidden >= 1,
+              f'ffn_hidden={self.ffn_hidden!r}; must be a positive int')
+        self.bias = (not llama) if self.bias is None else self.bias
+        self.tie_embeddings = (not llama) if self.tie_embeddings is None else self.tie_embeddings
+        # exits
+        self.exit_layers = tuple(self.exit_layers)
+        lo, hi = (2, self.n_layer) if self.exit_pre else (1, self.n_layer - 1)
+        for L in self.exit_layers:
+            check(isinstance(L, int) and lo <= L <= hi,
+                  f'exit_layers contains {L!r}; allowed: ints in {lo}..{hi} '
+                  f'(n_layer={self.n_layer}, exit_pre={self.exit_pre})')
+        check(len(set(self.exit_layers)) == len(self.exit_layers),
+              f'exit_layers={list(self.exit_layers)} has duplicates')
+        check(list(self.exit_layers) == sorted(self.exit_layers),
+              f'exit_layers={list(self.exit_layers)} must be increasing')
+        check(not (self.exit_mlp and self.exit_block),
+              'exit_mlp=True and exit_block=True are exclusive (a block already holds an MLP)')
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    @property
+    def exit_depths(self):
+        """For each exit, the number of blocks that run before it (1..n_layer-1)."""
+        return tuple(L - 1 if self.exit_pre else L for L in self.exit_layers)
+
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.type_as(x) * self.weight
+
+
+def Norm(cfg):
+    if cfg.arch == 'llama':
+        return RMSNorm(cfg.n_embd, cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_table(cfg, device=None):
+    """cos and sin of RoPE angles (Su et al. 2021), each (block_size, head_dim/2)."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd))
+    angles = torch.outer(torch.arange(cfg.block_size, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    # x (B, nh, T, hd); cos, sin (T, hd/2). Rotates the two halves of each head
+    # (the Hugging Face Llama layout, so its checkpoints load without permutation).
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.bias)
+        self.k = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
+        self.v = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
+        self.o = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+        self.o.residual = True  # scaled init
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.cache_k = self.cache_v = None
+
+    def forward(self, x, rope, input_pos):
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
+        k = self.k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if input_pos is None:
+            mask, causal = None, True
+        else:  # static cache: write this chunk at its positions, attend to everything before
+            self.cache_k.index_copy_(2, input_pos, k.to(self.cache_k.dtype))
+            self.cache_v.index_copy_(2, input_pos, v.to(self.cache_v.dtype))
+            k, v = self.cache_k.to(q.dtype), self.cache_v.to(q.dtype)           # (B, nkv, S, hd)
+            mask = input_pos[:, None] >= torch.arange(k.size(2), device=x.device)  # (T, S)
+            causal = False  # query and key lengths differ: an explicit mask, never is_causal
+        if self.n_kv_head != self.n_head:  # grouped-query attention: share each kv head
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.resid_drop(self.o(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.llama = cfg.arch == 'llama'
+        self.up = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=cfg.bias)
+        self.gate = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=cfg.bias) if self.llama else None
+        self.down = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=cfg.bias)
+        self.down.residual = True
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        if self.llama:
+            h = F.silu(self.gate(x)) * self.up(x)          # SwiGLU (Shazeer 2020)
+        else:
+            h = F.gelu(self.up(x), approximate='tanh')     # GPT-2's GELU
+        return self.drop(self.down(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1, self.attn = Norm(cfg), Attention(cfg)
+        self.norm2, self.mlp = Norm(cfg), MLP(cfg)
+
+    def forward(self, x, rope=None, input_pos=None):
+        x = x + self.attn(self.norm1(x), rope, input_pos)
+        return x + self.mlp(self.norm2(x))
+
+
+class ExitHead(nn.Module):
+    """Hidden state -> next-token logits: [block | residual MLP] -> [norm] -> output matrix.
+    The output matrix is the LM head's (passed in) unless exit_untie gives the exit its own."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.block = Block(cfg) if cfg.exit_block else None
+        self.mlp_norm = Norm(cfg) if cfg.exit_mlp else None
+        self.mlp = MLP(cfg) if cfg.exit_mlp else None
+        self.norm = Norm(cfg) if cfg.exit_norm else None
+        self.out = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False) if cfg.exit_untie else None
+
+    def forward(self, x, lm_head_weight, rope=None, input_pos=None):
+        if self.block is not None:
+            x = self.block(x, rope, input_pos)
+        if self.mlp is not None:
+            x = x + self.mlp(self.mlp_norm(x))
+        if self.norm is not None:
+            x = self.norm(x)
+        return F.linear(x, lm_head_weight if self.out is None else self.out.weight)  # (B, T, V)
+
+
+def cross_entropy(logits, targets):
+    # float32 softmax whatever the logits' dtype; target -1 is ignored
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.arch == 'gpt2' else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = Norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.exits = nn.ModuleList(ExitHead(cfg) for _ in cfg.exit_layers)
+        # exits that read the output of block i (0-based): {i: [exit index, ...]}
+        self.exits_after = {}
+        for e, d in enumerate(cfg.exit_depths):
+            self.exits_after.setdefault(d - 1, []).append(e)
+        self.register_buffer('rope_cos', None, persistent=False)
+        self.register_buffer('rope_sin', None, persistent=False)
+        self.init_weights()
+
+    def init_weights(self):
+        """GPT-2 init: normal(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer).
+        Also (re)computes the RoPE table, so a model built on the meta device can be
+        materialised with model.to_empty(device=...) followed by model.init_weights()."""
+        if self.config.tie_embeddings:  # (again: to_empty from meta unties shared parameters)
+            self.lm_head.weight = self.wte.weight
+        resid_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, resid_std if getattr(m, 'residual', False) else 0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, (nn.LayerNorm, RMSNorm)):
+                nn.init.ones_(m.weight)
+                if getattr(m, 'bias', None) is not None:
+                    nn.init.zeros_(m.bias)
+        if self.config.arch == 'llama':
+            cos, sin = rope_table(self.config, self.wte.weight.device)
+            self.register_buffer('rope_cos', cos, persistent=False)
+            self.register_buffer('rope_sin', sin, persistent=False)
+
+    def num_params(self, exits=True):
+        params = {id(p): p for n, p in self.named_parameters() if exits or not n.startswith('exits.')}
+        return sum(p.numel() for p in params.values())
+
+    def flops_per_token(self, T):
+        """Training FLOPs per token (forward + backward = 6 per weight per token, PaLM appendix B),
+        counting every matmul that runs: blocks, LM head, and each exit with its output matrix."""
+        cfg = self.config
+        weights = sum(p.numel() for p in self.blocks.parameters() if p.dim() == 2)
+        weights += cfg.vocab_size * cfg.n_embd                            # LM head
+        for e in self.exits:
+            weights += sum(p.numel() for n, p in e.named_parameters() if p.dim() == 2 and n != 'out.weight')
+            weights += cfg.vocab_size * cfg.n_embd                        # exit output matrix
+        n_attn = cfg.n_layer + (len(self.exits) if cfg.exit_block else 0)
+        attn = n_attn * 2 * 2 * cfg.n_head * cfg.head_dim * T               # QK^T and AV, forward
+        return 6 * weights + 3 * attn
+
+    # -- KV cache ------------------------------------------------------------
+    def setup_cache(self, batch_size, max_len, dtype=None, device=None):
+        """Pre-allocate a static KV cache of max_len positions in every attention layer."""
+        assert max_len <= self.config.block_size, f'max_len={max_len} > block_size={self.config.block_size}'
+        dtype = dtype or self.wte.weight.dtype
+        device = device or self.wte.weight.device
+        for m in self.modules():
+            if isinstance(m, Attention):
+                shape = (batch_size, m.n_kv_head, max_len, m.head_dim)
+                m.cache_k = torch.zeros(shape, dtype=dtype, device=device)
+                m.cache_v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def clear_cache(self):
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.cache_k = m.cache_v = None
+
+    # -- forward -------------------------------------------------------------
+    def embed(self, idx, input_pos=None):
+        """Token (+ position) embedding. Returns x (B, T, C) and the positions used."""
+        T = idx.size(1)
+        assert T <= self.config.block_size, f'sequence length {T} > block_size={self.config.block_size}'
+        pos = torch.arange(T, device=idx.device) if input_pos is None else input_pos
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(pos)
+        return self.drop(x), pos
+
+    def rope(self, pos):
+        return None if self.rope_cos is None else (self.rope_cos[pos], self.rope_sin[pos])
+
+    def exit_logits(self, e, x, rope=None, input_pos=None):
+        """Logits of exit e (0-based, in exit_layers order) from the hidden state it reads."""
+        return self.exits[e](x, self.lm_head.weight, rope, input_pos)
+
+    def final_logits(self, x):
+        return self.lm_head(self.norm_f(x))
+
+    def forward(self, idx, targets=None, exits=False, input_pos=None):
+        """idx (B, T) token ids; targets (B, T) or None; exits: also compute every exit;
+        input_pos (T,) positions to write in and read from the KV cache (after setup_cache).
+        Without targets: returns (logits (B, T, V), [exit logits (B, T, V)]).
+        With targets: returns (final CE, [exit CE]) for the caller to weight.
+        With exits=False no exit computes anything and the list is empty."""
+        x, pos = self.embed(idx, input_pos)
+        rope = self.rope(pos)
+        outs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, input_pos)
+            if exits:
+                for e in self.exits_after.get(i, ()):
+                    logits = self.exit_logits(e, x, rope, input_pos)
+                    outs.append(logits if targets is None else cross_entropy(logits, targets))
+        logits = self.final_logits(x)
+        if targets is None:
+            return logits, outs
+        return cross_entropy(logits, targets), outs

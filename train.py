@@ -1,0 +1,425 @@
+"""
+Train an early-exit GPT. One process:
+
+    python data/pystdlib/prepare.py
+    python train.py config/train_pystdlib.py
+    python train.py config/train_pystdlib.py --exit_layers=[2,4] --max_iters=500 --device=cpu
+
+Every global below is a key: a config file (python, executed) and then --key=value
+arguments override them in order. The loss is final_CE + sum_e w_e(t) * exit_CE_e
+(EE-LLM, arXiv 2312.04916), each w_e(t) moving from exit_weight_init to exit_weight
+over exit_weight_warmup_iters.
+"""
+
+import ast
+import difflib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+# defaults
+# I/O
+out_dir = 'out'
+init_from = 'scratch'          # 'scratch' or 'resume' (from out_dir)
+eval_interval = 250            # evaluate and checkpoint every this many steps
+eval_iters = 20                # val batches per evaluation
+log_interval = 10
+always_save_checkpoint = True  # False: save only when the val loss improves
+# data
+dataset = 'pystdlib'           # a folder under data/ with train.bin, val.bin, meta.json
+batch_size = 16                # sequences per micro-batch
+gradient_accumulation_steps = 1  # micro-batches per step; global batch = their product
+# optimizer: AdamW with warmup + cosine decay
+learning_rate = 1e-3
+min_lr = 1e-4
+max_iters = 2000
+warmup_iters = 100
+lr_decay_iters = None          # None: max_iters
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0                # 0: off
+# early-exit loss weights: a float for every exit, or a list with one per exit
+exit_weight = 1.0
+exit_weight_init = None        # None: exit_weight (no warm-up); above exit_weight: a cool-down
+exit_weight_warmup_iters = 0
+exit_weight_warmup_style = 'linear'  # 'linear' or 'cosine'
+# system
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+compile = False                # torch.compile the model
+seed = 1337
+# model: every GPTConfig field is a key too (model.py documents them)
+for _f in fields(GPTConfig):
+    globals()[_f.name] = _f.default
+vocab_size = None              # None: the dataset's (meta.json)
+block_size = 256
+n_layer, n_head, n_embd = 6, 6, 384
+exit_layers = (2, 4)
+# -----------------------------------------------------------------------------
+
+DEFAULTS = {k: v for k, v in globals().items()
+            if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, list, type(None)))}
+MODEL_KEYS = [f.name for f in fields(GPTConfig)]
+PER_EXIT_KEYS = ('exit_weight', 'exit_weight_init')  # a number, or a list with one per exit
+
+
+def _coerce(key, value, default):
+    """Check value against the type of the key's default; int is accepted for float."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(default, bool) and isinstance(value, bool)
+    elif isinstance(default, float) and isinstance(value, int):
+        return float(value)
+    elif isinstance(default, (list, tuple)) or (key in PER_EXIT_KEYS and isinstance(value, (list, tuple))):
+        ok = isinstance(value, (list, tuple))
+        value = tuple(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ValueError(f'--{key}={value!r}: expected {type(default).__name__} like the default {default!r}')
+    return value
+
+
+def _unknown(key, known):
+    close = difflib.get_close_matches(key, known, n=3)
+    hint = f'; did you mean {", ".join(close)}?' if close else '; run with a valid key (see the top of the script)'
+    return ValueError(f'unknown config key {key!r}{hint}')
+
+
+def configure(defaults, args):
+    """nanoGPT-style overrides. args: config files (python, executed) and --key=value,
+    applied in order; a bare --flag sets a boolean key to True. Returns a new dict."""
+    cfg = dict(defaults)
+    for arg in args:
+        if not arg.startswith('--'):
+            scope = dict(cfg)
+            with open(arg) as f:
+                exec(f.read(), scope)
+            for k, v in scope.items():
+                if k.startswith('_') or k == '__builtins__' or (k in cfg and v is cfg[k]):
+                    continue
+                if k not in cfg:
+                    if callable(v) or type(v).__name__ == 'module':
+                        continue  # imports and helpers inside a config file
+                    raise _unknown(k, list(cfg))
+                cfg[k] = _coerce(k, v, defaults[k])
+            continue
+        key, eq, raw = arg[2:].partition('=')
+        if key not in cfg:
+            raise _unknown(key, list(cfg))
+        if not eq:
+            if not isinstance(defaults[key], bool):
+                raise ValueError(f'--{key} needs a value (--{key}=...); only boolean keys can be bare flags')
+            value = True
+        elif isinstance(defaults[key], str):
+            value = raw  # strings stay strings, e.g. --out_dir=123
+        else:
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw  # a bare word, e.g. --init_from=resume where the default is None
+        cfg[key] = _coerce(key, value, defaults[key])
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# schedules
+
+def get_lr(it, cfg):
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then constant."""
+    decay_iters = cfg['lr_decay_iters'] or cfg['max_iters']
+    if it < cfg['warmup_iters']:
+        return cfg['learning_rate'] * (it + 1) / (cfg['warmup_iters'] + 1)
+    if it >= decay_iters:
+        return cfg['min_lr']
+    ratio = (it - cfg['warmup_iters']) / max(1, decay_iters - cfg['warmup_iters'])
+    return cfg['min_lr'] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg['learning_rate'] - cfg['min_lr'])
+
+
+def exit_weights(it, cfg, n_exits):
+    """Each exit's loss weight at step it (EE-LLM): w = init + f(t / warmup) * (target - init),
+    f(x) = x ('linear') or (1 - cos(pi x)) / 2 ('cosine'); target from then on."""
+    def per_exit(v, name):
+        v = list(v) if isinstance(v, (list, tuple)) else [float(v)] * n_exits
+        if len(v) != n_exits:
+            raise ValueError(f'{name}={v} has {len(v)} values for {n_exits} exits')
+        return v
+    target = per_exit(cfg['exit_weight'], 'exit_weight')
+    init = target if cfg['exit_weight_init'] is None else per_exit(cfg['exit_weight_init'], 'exit_weight_init')
+    style, warm = cfg['exit_weight_warmup_style'], cfg['exit_weight_warmup_iters']
+    if style not in ('linear', 'cosine'):
+        raise ValueError(f"exit_weight_warmup_style={style!r}; allowed: 'linear', 'cosine'")
+    if it >= warm:
+        return target
+    f = it / warm if style == 'linear' else (1 - math.cos(math.pi * it / warm)) / 2
+    return [i + f * (t - i) for i, t in zip(init, target)]
+
+
+def weighted_loss(model, x, y, w):
+    """The training objective: final CE + sum_e w_e * exit CE_e. Returns (total, final, exits)."""
+    loss, exit_losses = model(x, y, exits=len(w) > 0)
+    return loss + sum(wi * li for wi, li in zip(w, exit_losses)), loss, exit_losses
+
+
+# -----------------------------------------------------------------------------
+# data
+
+def load_data(name):
+    """Memory-mapped train/val token arrays and the dataset's meta.json."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', name)
+    if not os.path.isdir(folder):
+        folder = name  # a path works too
+    meta_path = os.path.join(folder, 'meta.json')
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f'dataset {name!r}: no {meta_path}; prepare it first, '
+                                f'e.g. python data/{name}/prepare.py')
+    with open(meta_path) as f:
+        meta = json.load(f)
+    data = {s: np.memmap(os.path.join(folder, f'{s}.bin'), dtype=meta['dtype'], mode='r')
+            for s in ('train', 'val')}
+    return data, meta
+
+
+def batch_offsets(n_tokens, block_size, n_seqs, seed, step, split):
+    """Start offsets of a step's global batch. They depend only on (seed, step, split),
+    never on the layout, so every parallel layout and a resumed run see the same data."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 2 + (split == 'val'))
+    return torch.randint(n_tokens - block_size - 1, (n_seqs,), generator=g)
+
+
+def get_batch(data, offsets, block_size, device):
+    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in offsets.tolist()])
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in offsets.tolist()])
+    if device.startswith('cuda'):
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: out_dir/ckpt/{meta.json, model.pt, optim.pt}
+
+def save_checkpoint(out_dir, model, optimizer, cfg, iter_num, best_val_loss):
+    """Atomic: written to ckpt.tmp, then swapped in by renames, so a crash never
+    leaves a half-written ckpt (at worst ckpt.old, which load_checkpoint falls back to)."""
+    final, tmp, old = (os.path.join(out_dir, n) for n in ('ckpt', 'ckpt.tmp', 'ckpt.old'))
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    files = {'model.pt': model.state_dict(), 'optim.pt': {
+        'optimizer': optimizer.state_dict(), 'rng_cpu': torch.get_rng_state(),
+        'rng_cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+    for name, obj in files.items():
+        torch.save(obj, os.path.join(tmp, name))
+    meta = {'iter_num': iter_num, 'best_val_loss': best_val_loss, 'model_config': asdict(model.config),
+            'train_config': cfg, 'layout': {'world_size': 1},
+            'tensors': {k: list(v.shape) for k, v in files['model.pt'].items()},
+            'file_bytes': {n: os.path.getsize(os.path.join(tmp, n)) for n in files}}
+    with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+        json.dump(meta, f, indent=1)
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(out_dir, device='cpu'):
+    """Returns (meta, model state_dict, optimizer/rng state). Refuses truncated or
+    inconsistent checkpoints with a message saying what is wrong."""
+    path = os.path.join(out_dir, 'ckpt')
+    if not os.path.exists(os.path.join(path, 'meta.json')) and os.path.exists(os.path.join(out_dir, 'ckpt.old')):
+        path = os.path.join(out_dir, 'ckpt.old')  # a crash during the swap
+    meta_path = os.path.join(path, 'meta.json')
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f'no checkpoint in {out_dir!r} (expected {meta_path})')
+    with open(meta_path) as f:
+        meta = json.load(f)
+    for name, size in meta['file_bytes'].items():
+        actual = os.path.getsize(os.path.join(path, name)) if os.path.exists(os.path.join(path, name)) else None
+        if actual != size:
+            raise RuntimeError(f'checkpoint {path}: {name} has {actual} bytes, meta.json says {size} (truncated?)')
+    state = torch.load(os.path.join(path, 'model.pt'), map_location=device, weights_only=True)
+    shapes = {k: list(v.shape) for k, v in state.items()}
+    if shapes != meta['tensors']:
+        raise RuntimeError(f'checkpoint {path}: model.pt tensors do not match meta.json')
+    extra = torch.load(os.path.join(path, 'optim.pt'), map_location='cpu', weights_only=False)
+    return meta, state, extra
+
+
+def model_config(cfg, vocab):
+    return GPTConfig(**{k: cfg[k] for k in MODEL_KEYS if k != 'vocab_size'},
+                     vocab_size=cfg['vocab_size'] or vocab)
+
+
+# -----------------------------------------------------------------------------
+# optimizer, evaluation, logging helpers
+
+def make_optimizer(model, cfg, device_type):
+    """AdamW; weight decay on matrices (and embeddings) only, not on biases and norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': cfg['weight_decay']},
+              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+    extra = {'fused': True} if device_type == 'cuda' else {}
+    return torch.optim.AdamW(groups, lr=cfg['learning_rate'], betas=(cfg['beta1'], cfg['beta2']), **extra)
+
+
+@torch.no_grad()
+def evaluate(model, data, cfg, ctx):
+    """Mean val (and train) loss of the final head and of every exit over eval_iters
+    fixed batches (the same batches at every evaluation)."""
+    model.eval()
+    out = {}
+    for split in ('train', 'val'):
+        totals = None
+        for k in range(cfg['eval_iters']):
+            offs = batch_offsets(len(data[split]), cfg['block_size'], cfg['batch_size'], cfg['seed'], -1 - k, split)
+            x, y = get_batch(data[split], offs, cfg['block_size'], cfg['device'])
+            with ctx:
+                loss, exit_losses = model(x, y, exits=True)
+            vals = torch.stack([loss, *exit_losses])
+            totals = vals if totals is None else totals + vals
+        means = (totals / cfg['eval_iters']).tolist()
+        out[split] = (means[0], means[1:])
+    model.train()
+    return out
+
+
+# peak dense bf16 tensor FLOP/s, keyed by a substring of torch.cuda.get_device_name()
+PEAK_FLOPS = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L40S': 362e12, 'A10G': 125e12,
+              'L4': 121e12, 'RTX 4090': 165e12, 'RTX 3090': 71e12, 'V100': 125e12, 'T4': 65e12}
+
+
+def peak_flops(device):
+    if not device.startswith('cuda'):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def fmt_losses(xs):
+    return '[' + ' '.join(f'{x:.4f}' for x in xs) + ']'
+
+
+# -----------------------------------------------------------------------------
+
+def train(cfg):
+    """Runs one training job from a config dict (see configure). Returns the model."""
+    os.makedirs(cfg['out_dir'], exist_ok=True)
+    torch.manual_seed(cfg['seed'])
+    device, device_type = cfg['device'], 'cuda' if cfg['device'].startswith('cuda') else 'cpu'
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(cfg['dtype'])
+    if ptdtype is None:
+        raise ValueError(f"dtype={cfg['dtype']!r}; allowed: 'float32', 'bfloat16', 'float16'")
+    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+    data, data_meta = load_data(cfg['dataset'])
+
+    if cfg['init_from'] == 'resume':
+        meta, state, extra = load_checkpoint(cfg['out_dir'], device)
+        gptconf = GPTConfig(**meta['model_config'])
+        asked = asdict(model_config(cfg, data_meta['vocab_size']))
+        differ = [k for k, v in asdict(gptconf).items() if asked[k] != v and k != 'vocab_size']
+        if differ:
+            print(f"resume: the checkpoint's model config wins for {differ}")
+        cfg = {**cfg, **asdict(gptconf)}
+        iter_num, best_val_loss = meta['iter_num'], meta['best_val_loss']
+    elif cfg['init_from'] == 'scratch':
+        gptconf, iter_num, best_val_loss = model_config(cfg, data_meta['vocab_size']), 0, float('inf')
+    else:
+        raise ValueError(f"init_from={cfg['init_from']!r}; allowed: 'scratch', 'resume'")
+    if gptconf.vocab_size < data_meta['vocab_size']:
+        raise ValueError(f"vocab_size={gptconf.vocab_size} < the dataset's {data_meta['vocab_size']}")
+    model = GPT(gptconf).to(device)
+    optimizer = make_optimizer(model, cfg, device_type)
+    if cfg['init_from'] == 'resume':
+        model.load_state_dict(state)
+        optimizer.load_state_dict(extra['optimizer'])
+        torch.set_rng_state(extra['rng_cpu'])
+        if extra['rng_cuda'] is not None and device_type == 'cuda':
+            torch.cuda.set_rng_state_all(extra['rng_cuda'])
+        print(f"resumed from {cfg['out_dir']} at step {iter_num}")
+    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
+    fwd = torch.compile(model) if cfg['compile'] else model
+    n_exits = len(gptconf.exit_layers)
+    B, T, accum = cfg['batch_size'], gptconf.block_size, cfg['gradient_accumulation_steps']
+    tokens_per_step = B * accum * T
+    peak = peak_flops(device)
+    flops_per_step = model.flops_per_token(T) * tokens_per_step
+    print(f"{model.num_params() / 1e6:.2f}M parameters ({model.num_params(exits=False) / 1e6:.2f}M without exits), "
+          f"exits after blocks {list(gptconf.exit_depths)}, {tokens_per_step:,} tokens/step on {device} {cfg['dtype']}")
+    log = open(os.path.join(cfg['out_dir'], 'log.jsonl'), 'a')
+
+    def record(entry):
+        log.write(json.dumps(entry) + '\n')
+        log.flush()
+
+    it, t0, steps = iter_num, time.time(), 0
+    try:
+        while True:
+            if it % cfg['eval_interval'] == 0 or it == cfg['max_iters']:
+                ev = evaluate(fwd, data, cfg, ctx)
+                (tl, tex), (vl, vex) = ev['train'], ev['val']
+                print(f'step {it}: train loss {tl:.4f} exits {fmt_losses(tex)}, val loss {vl:.4f} exits {fmt_losses(vex)}')
+                record({'iter': it, 'train_loss': tl, 'train_exit_losses': tex, 'val_loss': vl, 'val_exit_losses': vex})
+                if it > iter_num and (vl < best_val_loss or cfg['always_save_checkpoint']):
+                    best_val_loss = min(best_val_loss, vl)
+                    save_checkpoint(cfg['out_dir'], model, optimizer, cfg, it, best_val_loss)
+                t0, steps = time.time(), 0  # keep evaluation out of the step timing
+            if it >= cfg['max_iters']:
+                break
+            # one optimizer step over the global batch of step it
+            lr = get_lr(it, cfg)
+            for group in optimizer.param_groups:
+                group['lr'] = lr
+            w = exit_weights(it, cfg, n_exits)
+            offsets = batch_offsets(len(data['train']), T, B * accum, cfg['seed'], it, 'train')
+            sums = torch.zeros(1 + n_exits, device=device)  # losses of this step, for the log
+            for micro in range(accum):
+                x, y = get_batch(data['train'], offsets[micro * B:(micro + 1) * B], T, device)
+                with ctx:
+                    total, loss, exit_losses = weighted_loss(fwd, x, y, w)
+                scaler.scale(total / accum).backward()
+                sums += torch.stack([loss, *exit_losses]).detach() / accum
+            gnorm = None
+            if cfg['grad_clip'] > 0:
+                scaler.unscale_(optimizer)
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            steps += 1
+            if it % cfg['log_interval'] == 0:
+                vals = sums.tolist()  # the one host sync of a logged step
+                dt = (time.time() - t0) / steps
+                tok_s, mfu = tokens_per_step / dt, (flops_per_step / dt / peak if peak else None)
+                mem = torch.cuda.max_memory_allocated(device) / 2**30 if device_type == 'cuda' else None
+                print(f"iter {it}: loss {vals[0]:.4f} exits {fmt_losses(vals[1:])} lr {lr:.2e} "
+                      f"{dt * 1000:.1f} ms {tok_s:,.0f} tok/s" + (f' mfu {mfu * 100:.1f}%' if mfu else '')
+                      + (f' mem {mem:.2f} GiB' if mem else ''))
+                record({'iter': it, 'loss': vals[0], 'exit_losses': vals[1:], 'lr': lr, 'exit_weights': w,
+                        'grad_norm': None if gnorm is None else gnorm.item(),
+                        'ms': dt * 1000, 'tok_s': tok_s, 'mfu': mfu, 'mem_gib': mem})
+                t0, steps = time.time(), 0
+            it += 1
+    except KeyboardInterrupt:
+        print(f'interrupted: saving step {it} to {cfg["out_dir"]}')
+        save_checkpoint(cfg['out_dir'], model, optimizer, cfg, it, best_val_loss)
+        raise
+    finally:
+        log.close()
+    return model
+
+
+if __name__ == '__main__':
+    train(configure(DEFAULTS, sys.argv[1:]))
