@@ -8,14 +8,22 @@ An early-exit GPT in one file: GPT-2 and Llama flavours, exit heads, a static KV
 
 Early exits follow EE-LLM (Chen et al. 2023, arXiv 2312.04916): chosen layers carry an
 exit head that maps that layer's hidden state to next-token logits.
+
+Pass a ParallelState (parallel.py) for tensor/sequence parallelism: every matmul layer
+then holds its shard, and logits come out split along the vocabulary, (B, T, V/tp).
+With the default (one process) every layer is a plain nn.Linear / nn.Embedding.
 """
 
 import math
+import zlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from parallel import (LOCAL, ColumnLinear, RowLinear, VocabEmbedding, check_layout, cross_entropy, enter,
+                      mark_splits, seq_shard, take_shard)
 
 
 @dataclass
@@ -128,19 +136,22 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, ps):
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.q = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.bias)
-        self.k = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
-        self.v = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
-        self.o = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+        # heads are split over the tensor-parallel ranks (this rank's counts below)
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head // ps.tp, cfg.n_kv_head // ps.tp, cfg.head_dim
+        self.ps = ps
+        self.q = ColumnLinear(cfg.n_embd, cfg.n_head * cfg.head_dim, cfg.bias, ps)
+        self.k = ColumnLinear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, cfg.bias, ps)
+        self.v = ColumnLinear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, cfg.bias, ps)
+        self.o = RowLinear(cfg.n_head * cfg.head_dim, cfg.n_embd, cfg.bias, ps)
         self.o.residual = True  # scaled init
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
         self.cache_k = self.cache_v = None
 
     def forward(self, x, rope, input_pos):
+        x = enter(x, self.ps)  # (B, T, C) on every tp rank
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
         k = self.k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
@@ -165,16 +176,17 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, ps):
         super().__init__()
-        self.llama = cfg.arch == 'llama'
-        self.up = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=cfg.bias)
-        self.gate = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=cfg.bias) if self.llama else None
-        self.down = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=cfg.bias)
+        self.llama, self.ps = cfg.arch == 'llama', ps
+        self.up = ColumnLinear(cfg.n_embd, cfg.ffn_hidden, cfg.bias, ps)
+        self.gate = ColumnLinear(cfg.n_embd, cfg.ffn_hidden, cfg.bias, ps) if self.llama else None
+        self.down = RowLinear(cfg.ffn_hidden, cfg.n_embd, cfg.bias, ps)
         self.down.residual = True
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
+        x = enter(x, self.ps)
         if self.llama:
             h = F.silu(self.gate(x)) * self.up(x)          # SwiGLU (Shazeer 2020)
         else:
@@ -183,10 +195,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, ps):
         super().__init__()
-        self.norm1, self.attn = Norm(cfg), Attention(cfg)
-        self.norm2, self.mlp = Norm(cfg), MLP(cfg)
+        self.norm1, self.attn = Norm(cfg), Attention(cfg, ps)
+        self.norm2, self.mlp = Norm(cfg), MLP(cfg, ps)
 
     def forward(self, x, rope=None, input_pos=None):
         x = x + self.attn(self.norm1(x), rope, input_pos)
@@ -197,13 +209,14 @@ class ExitHead(nn.Module):
     """Hidden state -> next-token logits: [block | residual MLP] -> [norm] -> output matrix.
     The output matrix is the LM head's (passed in) unless exit_untie gives the exit its own."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, ps):
         super().__init__()
-        self.block = Block(cfg) if cfg.exit_block else None
+        self.ps = ps
+        self.block = Block(cfg, ps) if cfg.exit_block else None
         self.mlp_norm = Norm(cfg) if cfg.exit_mlp else None
-        self.mlp = MLP(cfg) if cfg.exit_mlp else None
+        self.mlp = MLP(cfg, ps) if cfg.exit_mlp else None
         self.norm = Norm(cfg) if cfg.exit_norm else None
-        self.out = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False) if cfg.exit_untie else None
+        self.out = ColumnLinear(cfg.n_embd, cfg.vocab_size, False, ps) if cfg.exit_untie else None
 
     def forward(self, x, lm_head_weight, rope=None, input_pos=None):
         if self.block is not None:
@@ -212,71 +225,78 @@ class ExitHead(nn.Module):
             x = x + self.mlp(self.mlp_norm(x))
         if self.norm is not None:
             x = self.norm(x)
-        return F.linear(x, lm_head_weight if self.out is None else self.out.weight)  # (B, T, V)
-
-
-def cross_entropy(logits, targets):
-    # float32 softmax whatever the logits' dtype; target -1 is ignored
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        x = enter(x, self.ps)
+        return F.linear(x, lm_head_weight if self.out is None else self.out.weight)  # (B, T, V/tp)
 
 
 # -----------------------------------------------------------------------------
 # the model
 
 class GPT(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, ps=None, seed=0):
         super().__init__()
-        self.config = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        ps = LOCAL if ps is None else ps
+        check_layout(ps.world, ps.tp, ps.pp, ps.sp, cfg)
+        self.config, self.ps = cfg, ps
+        self.wte = VocabEmbedding(cfg.vocab_size, cfg.n_embd, ps)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.arch == 'gpt2' else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, ps) for _ in range(cfg.n_layer))
         self.norm_f = Norm(cfg)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.exits = nn.ModuleList(ExitHead(cfg) for _ in cfg.exit_layers)
+        self.lm_head = ColumnLinear(cfg.n_embd, cfg.vocab_size, False, ps)
+        self.exits = nn.ModuleList(ExitHead(cfg, ps) for _ in cfg.exit_layers)
         # exits that read the output of block i (0-based): {i: [exit index, ...]}
         self.exits_after = {}
         for e, d in enumerate(cfg.exit_depths):
             self.exits_after.setdefault(d - 1, []).append(e)
         self.register_buffer('rope_cos', None, persistent=False)
         self.register_buffer('rope_sin', None, persistent=False)
-        self.init_weights()
+        self.init_weights(seed)
 
-    def init_weights(self):
+    @torch.no_grad()
+    def init_weights(self, seed=0):
         """GPT-2 init: normal(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer).
-        Also (re)computes the RoPE table, so a model built on the meta device can be
-        materialised with model.to_empty(device=...) followed by model.init_weights()."""
-        if self.config.tie_embeddings:  # (again: to_empty from meta unties shared parameters)
+        Each logical tensor is drawn from a generator seeded by (seed, its name) and this
+        rank keeps its shard, so the model is the same in every parallel layout.
+        Also (re)computes the RoPE table: a model built on the meta device is materialised
+        with model.to_empty(device=...) followed by model.init_weights()."""
+        for m in self.modules():  # (again: to_empty from meta replaces the parameter objects)
+            mark_splits(m)
+        if self.config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         resid_std = 0.02 / math.sqrt(2 * self.config.n_layer)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, resid_std if getattr(m, 'residual', False) else 0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, 0.0, 0.02)
-            elif isinstance(m, (nn.LayerNorm, RMSNorm)):
-                nn.init.ones_(m.weight)
-                if getattr(m, 'bias', None) is not None:
-                    nn.init.zeros_(m.bias)
+        seen = set()
+        for mname, m in self.named_modules():
+            for pname, p in m.named_parameters(recurse=False):
+                if id(p) in seen or p.is_meta:
+                    continue
+                seen.add(id(p))
+                if isinstance(m, (nn.LayerNorm, RMSNorm)) or pname == 'bias':
+                    p.fill_(1.0 if pname == 'weight' else 0.0)  # norms 1, biases 0
+                    continue
+                std = resid_std if getattr(m, 'residual', False) else 0.02
+                full = torch.empty(getattr(p, 'logical_shape', p.shape), device=p.device, dtype=p.dtype)
+                gen = torch.Generator(p.device).manual_seed(seed * 1_000_003 + zlib.crc32(f'{mname}.{pname}'.encode()))
+                p.copy_(take_shard(full.normal_(0.0, std, generator=gen), p, self.ps))
         if self.config.arch == 'llama':
             cos, sin = rope_table(self.config, self.wte.weight.device)
             self.register_buffer('rope_cos', cos, persistent=False)
             self.register_buffer('rope_sin', sin, persistent=False)
 
     def num_params(self, exits=True):
-        params = {id(p): p for n, p in self.named_parameters() if exits or not n.startswith('exits.')}
-        return sum(p.numel() for p in params.values())
+        """Parameters of the logical (whole) model."""
+        return sum(math.prod(getattr(p, 'logical_shape', p.shape)) for n, p in self.named_parameters()
+                   if exits or not n.startswith('exits.'))
 
     def flops_per_token(self, T):
         """Training FLOPs per token (forward + backward = 6 per weight per token, PaLM appendix B),
         counting every matmul that runs: blocks, LM head, and each exit with its output matrix."""
         cfg = self.config
-        weights = sum(p.numel() for p in self.blocks.parameters() if p.dim() == 2)
+        numel = lambda p: math.prod(getattr(p, 'logical_shape', p.shape))
+        weights = sum(numel(p) for p in self.blocks.parameters() if p.dim() == 2)
         weights += cfg.vocab_size * cfg.n_embd                            # LM head
         for e in self.exits:
-            weights += sum(p.numel() for n, p in e.named_parameters() if p.dim() == 2 and n != 'out.weight')
+            weights += sum(numel(p) for n, p in e.named_parameters() if p.dim() == 2 and n != 'out.weight')
             weights += cfg.vocab_size * cfg.n_embd                        # exit output matrix
         n_attn = cfg.n_layer + (len(self.exits) if cfg.exit_block else 0)
         attn = n_attn * 2 * 2 * cfg.n_head * cfg.head_dim * T               # QK^T and AV, forward
@@ -304,10 +324,11 @@ class GPT(nn.Module):
         """Token (+ position) embedding. Returns x (B, T, C) and the positions used."""
         T = idx.size(1)
         assert T <= self.config.block_size, f'sequence length {T} > block_size={self.config.block_size}'
+        assert not self.ps.sp or T % self.ps.tp == 0, f'sp: sequence length {T} is not divisible by tp={self.ps.tp}'
         pos = torch.arange(T, device=idx.device) if input_pos is None else input_pos
-        x = self.wte(idx)
+        x = self.wte(idx)                  # (B, T, C), or (B, T/tp, C) under sequence parallelism
         if self.wpe is not None:
-            x = x + self.wpe(pos)
+            x = x + self.wpe(seq_shard(pos[None], self.ps))
         return self.drop(x), pos
 
     def rope(self, pos):
@@ -318,7 +339,10 @@ class GPT(nn.Module):
         return self.exits[e](x, self.lm_head.weight, rope, input_pos)
 
     def final_logits(self, x):
-        return self.lm_head(self.norm_f(x))
+        return self.lm_head(enter(self.norm_f(x), self.ps))  # (B, T, V/tp)
+
+    def loss(self, logits, targets):
+        return cross_entropy(logits, targets, self.config.vocab_size, self.ps)
 
     def forward(self, idx, targets=None, exits=False, input_pos=None):
         """idx (B, T) token ids; targets (B, T) or None; exits: also compute every exit;
@@ -334,8 +358,8 @@ class GPT(nn.Module):
             if exits:
                 for e in self.exits_after.get(i, ()):
                     logits = self.exit_logits(e, x, rope, input_pos)
-                    outs.append(logits if targets is None else cross_entropy(logits, targets))
+                    outs.append(logits if targets is None else self.loss(logits, targets))
         logits = self.final_logits(x)
         if targets is None:
             return logits, outs
-        return cross_entropy(logits, targets), outs
+        return self.loss(logits, targets), outs

@@ -24,8 +24,10 @@ from dataclasses import asdict, fields
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from model import GPT, GPTConfig
+from parallel import LOCAL, GradSync, ParallelState, check_layout, clip_grad_norm_, init_distributed, local_range
 
 # -----------------------------------------------------------------------------
 # defaults
@@ -60,6 +62,9 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
 compile = False                # torch.compile the model
 seed = 1337
+# parallelism (under torchrun; dp = world size / tp)
+tp = 1                         # tensor-parallel ranks
+sp = False                     # sequence parallelism within the tp group
 # model: every GPTConfig field is a key too (model.py documents them)
 for _f in fields(GPTConfig):
     globals()[_f.name] = _f.default
@@ -209,53 +214,137 @@ def get_batch(data, offsets, block_size, device):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: out_dir/ckpt/{meta.json, model.pt, optim.pt}
+# checkpoints, layout-free: out_dir/ckpt/ holds meta.json and one file per (pp, tp)
+# shard, tensors under their logical names with the logical range they cover, so any
+# layout can read the ranges it needs (memory-mapped: never the whole model at once)
 
-def save_checkpoint(out_dir, model, optimizer, cfg, iter_num, best_val_loss):
-    """Atomic: written to ckpt.tmp, then swapped in by renames, so a crash never
-    leaves a half-written ckpt (at worst ckpt.old, which load_checkpoint falls back to)."""
+def _barrier(ps):
+    if ps.world > 1:
+        dist.barrier()
+
+
+def save_checkpoint(out_dir, model, optimizer, cfg, iter_num, best_val_loss, ps=LOCAL):
+    """Collective (every rank calls it). Written to ckpt.tmp and swapped in by renames, so
+    a crash never leaves a half-written ckpt (at worst ckpt.old, which loading falls back to)."""
     final, tmp, old = (os.path.join(out_dir, n) for n in ('ckpt', 'ckpt.tmp', 'ckpt.old'))
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    files = {'model.pt': model.state_dict(), 'optim.pt': {
-        'optimizer': optimizer.state_dict(), 'rng_cpu': torch.get_rng_state(),
-        'rng_cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
-    for name, obj in files.items():
-        torch.save(obj, os.path.join(tmp, name))
-    meta = {'iter_num': iter_num, 'best_val_loss': best_val_loss, 'model_config': asdict(model.config),
-            'train_config': cfg, 'layout': {'world_size': 1},
-            'tensors': {k: list(v.shape) for k, v in files['model.pt'].items()},
-            'file_bytes': {n: os.path.getsize(os.path.join(tmp, n)) for n in files}}
-    with open(os.path.join(tmp, 'meta.json'), 'w') as f:
-        json.dump(meta, f, indent=1)
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(final):
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    if ps.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier(ps)
+    entries, file_bytes = {}, {}
+    if ps.dp_rank == 0:  # data-parallel replicas hold the same shards: one writes
+        fname = f'shard-pp{ps.pp_rank}-tp{ps.tp_rank}.pt'
+        shard = {'param': {}, 'exp_avg': {}, 'exp_avg_sq': {}}
+        for name, p in model.named_parameters():
+            r = local_range(p, ps)
+            if r is None and ps.tp_rank > 0:
+                continue  # replicated over tp: tp rank 0 writes it
+            state = optimizer.state.get(p, {})
+            for kind, t in (('param', p.detach()), ('exp_avg', state.get('exp_avg')),
+                            ('exp_avg_sq', state.get('exp_avg_sq'))):
+                if t is not None:  # without the padding (clone: torch.save keeps whole storages)
+                    shard[kind][name] = t if r is None else t.narrow(r[0], 0, r[2] - r[1]).clone()
+            entries[name] = {'shape': list(getattr(p, 'logical_shape', p.shape)), 'dim': r and r[0],
+                             'pieces': [[fname, r[1], r[2]] if r else [fname, None, None]]}
+        torch.save(shard, os.path.join(tmp, fname))
+        file_bytes[fname] = os.path.getsize(os.path.join(tmp, fname))
+    torch.save({'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if torch.cuda.is_available()
+                else None}, os.path.join(tmp, f'rng-{ps.rank}.pt'))
+    parts = [(entries, file_bytes)]
+    if ps.world > 1:
+        parts = [None] * ps.world
+        dist.all_gather_object(parts, (entries, file_bytes))
+    if ps.is_main:
+        tensors, sizes = {}, {}
+        for ents, fb in parts:
+            sizes.update(fb)
+            for name, e in ents.items():
+                tensors.setdefault(name, dict(e, pieces=[]))['pieces'] += e['pieces']
+        step = next((float(st['step']) for st in optimizer.state.values() if 'step' in st), 0.0)
+        meta = {'iter_num': iter_num, 'best_val_loss': best_val_loss, 'model_config': asdict(model.config),
+                'train_config': cfg, 'optimizer_step': step,
+                'layout': {'world': ps.world, 'dp': ps.dp, 'pp': ps.pp, 'tp': ps.tp, 'sp': ps.sp},
+                'tensors': tensors, 'file_bytes': sizes}
+        with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+            json.dump(meta, f, indent=1)
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(final):
+            os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier(ps)
 
 
-def load_checkpoint(out_dir, device='cpu'):
-    """Returns (meta, model state_dict, optimizer/rng state). Refuses truncated or
-    inconsistent checkpoints with a message saying what is wrong."""
-    path = os.path.join(out_dir, 'ckpt')
-    if not os.path.exists(os.path.join(path, 'meta.json')) and os.path.exists(os.path.join(out_dir, 'ckpt.old')):
-        path = os.path.join(out_dir, 'ckpt.old')  # a crash during the swap
-    meta_path = os.path.join(path, 'meta.json')
-    if not os.path.exists(meta_path):
-        raise FileNotFoundError(f'no checkpoint in {out_dir!r} (expected {meta_path})')
-    with open(meta_path) as f:
-        meta = json.load(f)
-    for name, size in meta['file_bytes'].items():
-        actual = os.path.getsize(os.path.join(path, name)) if os.path.exists(os.path.join(path, name)) else None
-        if actual != size:
-            raise RuntimeError(f'checkpoint {path}: {name} has {actual} bytes, meta.json says {size} (truncated?)')
-    state = torch.load(os.path.join(path, 'model.pt'), map_location=device, weights_only=True)
-    shapes = {k: list(v.shape) for k, v in state.items()}
-    if shapes != meta['tensors']:
-        raise RuntimeError(f'checkpoint {path}: model.pt tensors do not match meta.json')
-    extra = torch.load(os.path.join(path, 'optim.pt'), map_location='cpu', weights_only=False)
-    return meta, state, extra
+class Checkpoint:
+    """A checkpoint directory opened for reading: meta (dict) and read(kind, name, p, ps),
+    this rank's shard of one logical tensor assembled from the pieces that overlap it.
+    Refuses truncated or inconsistent checkpoints with a message saying what is wrong."""
+
+    def __init__(self, out_dir):
+        path = os.path.join(out_dir, 'ckpt')
+        if not os.path.exists(os.path.join(path, 'meta.json')) and os.path.exists(os.path.join(out_dir, 'ckpt.old')):
+            path = os.path.join(out_dir, 'ckpt.old')  # a crash during the swap
+        if not os.path.exists(os.path.join(path, 'meta.json')):
+            raise FileNotFoundError(f'no checkpoint in {out_dir!r} (expected {path}/meta.json)')
+        with open(os.path.join(path, 'meta.json')) as f:
+            self.meta = json.load(f)
+        for name, size in self.meta['file_bytes'].items():
+            f = os.path.join(path, name)
+            actual = os.path.getsize(f) if os.path.exists(f) else None
+            if actual != size:
+                raise RuntimeError(f'checkpoint {path}: {name} has {actual} bytes, meta.json says {size} (truncated?)')
+        self.path, self.files = path, {}
+
+    def _file(self, fname):
+        if fname not in self.files:
+            self.files[fname] = torch.load(os.path.join(self.path, fname), map_location='cpu', mmap=True,
+                                           weights_only=True)
+        return self.files[fname]
+
+    def read(self, kind, name, p, ps):
+        e = self.meta['tensors'].get(name)
+        logical = list(getattr(p, 'logical_shape', p.shape))
+        if e is None or e['shape'] != logical:
+            raise RuntimeError(f'checkpoint {self.path}: tensor {name} is '
+                               f"{'missing' if e is None else e['shape']}, the model wants {logical}")
+        if e['dim'] is None:
+            return self._file(e['pieces'][0][0])[kind][name]
+        dim = e['dim']
+        r = local_range(p, ps)
+        start, end = (r[1], r[2]) if r else (0, logical[dim])
+        out = torch.zeros(p.shape, dtype=p.dtype)
+        for fname, a, b in e['pieces']:
+            lo, hi = max(a, start), min(b, end)
+            if hi > lo:
+                src = self._file(fname)[kind][name]
+                out.narrow(dim, lo - start, hi - lo).copy_(src.narrow(dim, lo - a, hi - lo))
+        return out
+
+    def load_into(self, model, optimizer=None, ps=LOCAL):
+        """Copy this rank's shards into the model (and the AdamW state into the optimizer)."""
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(self.read('param', name, p, ps))
+                if optimizer is not None and p.requires_grad:
+                    fused = optimizer.defaults.get('fused')
+                    optimizer.state[p] = {
+                        'step': torch.tensor(self.meta['optimizer_step'], device=p.device if fused else 'cpu'),
+                        'exp_avg': self.read('exp_avg', name, p, ps).to(p.device),
+                        'exp_avg_sq': self.read('exp_avg_sq', name, p, ps).to(p.device)}
+        rng = os.path.join(self.path, f'rng-{ps.rank}.pt')
+        if self.meta['layout']['world'] == ps.world and os.path.exists(rng):  # same layout: same random streams
+            states = torch.load(rng, weights_only=True)
+            torch.set_rng_state(states['cpu'])
+            if states['cuda'] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state(states['cuda'])
+
+
+def load_model(out_dir, ps=LOCAL, device='cpu'):
+    """A trained model from out_dir, in any layout. Returns (model, Checkpoint)."""
+    ckpt = Checkpoint(out_dir)
+    model = GPT(GPTConfig(**ckpt.meta['model_config']), ps).to(device)
+    ckpt.load_into(model, ps=ps)
+    return model, ckpt
 
 
 def model_config(cfg, vocab):
@@ -276,24 +365,66 @@ def make_optimizer(model, cfg, device_type):
 
 
 @torch.no_grad()
-def evaluate(model, data, cfg, ctx):
-    """Mean val (and train) loss of the final head and of every exit over eval_iters
-    fixed batches (the same batches at every evaluation)."""
+def evaluate(model, data, cfg, ctx, ps=LOCAL):
+    """Mean train and val loss of the final head and of every exit over eval_iters fixed
+    batches (the same batches at every evaluation), shared out over the dp ranks."""
     model.eval()
     out = {}
     for split in ('train', 'val'):
-        totals = None
-        for k in range(cfg['eval_iters']):
+        totals = torch.zeros(1 + len(cfg['exit_layers']), device=cfg['device'])
+        for k in range(ps.dp_rank, cfg['eval_iters'], ps.dp):
             offs = batch_offsets(len(data[split]), cfg['block_size'], cfg['batch_size'], cfg['seed'], -1 - k, split)
             x, y = get_batch(data[split], offs, cfg['block_size'], cfg['device'])
             with ctx:
                 loss, exit_losses = model(x, y, exits=True)
-            vals = torch.stack([loss, *exit_losses])
-            totals = vals if totals is None else totals + vals
+            totals += torch.stack([loss, *exit_losses]).float()
+        if ps.dp > 1:
+            dist.all_reduce(totals, group=ps.dp_group)
         means = (totals / cfg['eval_iters']).tolist()
         out[split] = (means[0], means[1:])
     model.train()
     return out
+
+
+def forward_backward(model, grads, data, cfg, it, ctx, scaler, ps=LOCAL):
+    """Gradients of step it's objective: this rank computes its dp share of the step's
+    global batch (batch_size x gradient_accumulation_steps sequences, the same in every
+    layout) and GradSync sums them over dp. Returns the step's mean losses (final, exits...)
+    over the global batch and the exit weights used."""
+    B, T, accum = cfg['batch_size'], cfg['block_size'], cfg['gradient_accumulation_steps']
+    w = exit_weights(it, cfg, len(cfg['exit_layers']))
+    offsets = batch_offsets(len(data), T, B * accum, cfg['seed'], it, 'train')
+    local = accum // ps.dp  # micro-batches of this rank: global indices dp_rank*local + m
+    sums = torch.zeros(1 + len(w), device=cfg['device'])
+    for m in range(local):
+        k = ps.dp_rank * local + m
+        x, y = get_batch(data, offsets[k * B:(k + 1) * B], T, cfg['device'])
+        grads.sync = m == local - 1  # all-reduce during the last backward only
+        with ctx:
+            total, loss, exit_losses = weighted_loss(model, x, y, w)
+        scaler.scale(total / accum).backward()
+        sums += torch.stack([loss, *exit_losses]).detach().float() / accum
+    grads.wait()
+    if ps.dp > 1:
+        dist.all_reduce(sums, group=ps.dp_group)
+    return sums, w
+
+
+def train_step(model, optimizer, grads, data, cfg, it, ctx, scaler, ps=LOCAL):
+    """One optimizer step (learning rate of step it, gradients, clipping, AdamW).
+    Returns (losses, lr, exit weights, grad norm or None)."""
+    lr = get_lr(it, cfg)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    losses, w = forward_backward(model, grads, data, cfg, it, ctx, scaler, ps)
+    gnorm = None
+    if cfg['grad_clip'] > 0:
+        scaler.unscale_(optimizer)
+        gnorm = clip_grad_norm_(grads.params, cfg['grad_clip'], ps)
+    scaler.step(optimizer)
+    scaler.update()
+    grads.zero()  # (never set_to_none: gradients are views into GradSync's buckets)
+    return losses, lr, w, gnorm
 
 
 # peak dense bf16 tensor FLOP/s, keyed by a substring of torch.cuda.get_device_name()
@@ -315,10 +446,10 @@ def fmt_losses(xs):
 # -----------------------------------------------------------------------------
 
 def train(cfg):
-    """Runs one training job from a config dict (see configure). Returns the model."""
-    os.makedirs(cfg['out_dir'], exist_ok=True)
-    torch.manual_seed(cfg['seed'])
-    device, device_type = cfg['device'], 'cuda' if cfg['device'].startswith('cuda') else 'cpu'
+    """Runs one training job from a config dict (see configure), in one process or under
+    torchrun (dp x tp). Returns the model (this rank's shards)."""
+    device = cfg['device'] = init_distributed(cfg['device'])
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(cfg['dtype'])
     if ptdtype is None:
         raise ValueError(f"dtype={cfg['dtype']!r}; allowed: 'float32', 'bfloat16', 'float16'")
@@ -326,100 +457,99 @@ def train(cfg):
     data, data_meta = load_data(cfg['dataset'])
 
     if cfg['init_from'] == 'resume':
-        meta, state, extra = load_checkpoint(cfg['out_dir'], device)
-        gptconf = GPTConfig(**meta['model_config'])
-        asked = asdict(model_config(cfg, data_meta['vocab_size']))
-        differ = [k for k, v in asdict(gptconf).items() if asked[k] != v and k != 'vocab_size']
+        ckpt = Checkpoint(cfg['out_dir'])
+        gptconf = GPTConfig(**ckpt.meta['model_config'])
+        differ = [k for k, v in asdict(gptconf).items()
+                  if asdict(model_config(cfg, data_meta['vocab_size']))[k] != v and k != 'vocab_size']
         if differ:
             print(f"resume: the checkpoint's model config wins for {differ}")
         cfg = {**cfg, **asdict(gptconf)}
-        iter_num, best_val_loss = meta['iter_num'], meta['best_val_loss']
+        iter_num, best_val_loss = ckpt.meta['iter_num'], ckpt.meta['best_val_loss']
     elif cfg['init_from'] == 'scratch':
         gptconf, iter_num, best_val_loss = model_config(cfg, data_meta['vocab_size']), 0, float('inf')
     else:
         raise ValueError(f"init_from={cfg['init_from']!r}; allowed: 'scratch', 'resume'")
     if gptconf.vocab_size < data_meta['vocab_size']:
         raise ValueError(f"vocab_size={gptconf.vocab_size} < the dataset's {data_meta['vocab_size']}")
-    model = GPT(gptconf).to(device)
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    check_layout(world, cfg['tp'], 1, cfg['sp'], gptconf)  # every rank fails alike, before any collective
+    if cfg['gradient_accumulation_steps'] % (world // cfg['tp']):
+        raise ValueError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} is not divisible "
+                         f"by dp={world // cfg['tp']} (each dp rank takes an equal share of the global batch)")
+    ps = ParallelState(cfg['tp'], 1, cfg['sp'])
+    torch.manual_seed(cfg['seed'] + ps.dp_rank)  # dropout: tp ranks agree, dp ranks differ
+    model = GPT(gptconf, ps, seed=cfg['seed']).to(device)
     optimizer = make_optimizer(model, cfg, device_type)
     if cfg['init_from'] == 'resume':
-        model.load_state_dict(state)
-        optimizer.load_state_dict(extra['optimizer'])
-        torch.set_rng_state(extra['rng_cpu'])
-        if extra['rng_cuda'] is not None and device_type == 'cuda':
-            torch.cuda.set_rng_state_all(extra['rng_cuda'])
-        print(f"resumed from {cfg['out_dir']} at step {iter_num}")
+        ckpt.load_into(model, optimizer, ps)
+        if ps.is_main:
+            print(f"resumed from {cfg['out_dir']} at step {iter_num} (saved as {ckpt.meta['layout']})")
+    grads = GradSync(model.parameters(), ps)
     scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
     fwd = torch.compile(model) if cfg['compile'] else model
-    n_exits = len(gptconf.exit_layers)
-    B, T, accum = cfg['batch_size'], gptconf.block_size, cfg['gradient_accumulation_steps']
-    tokens_per_step = B * accum * T
+    T = cfg['block_size']
+    tokens_per_step = cfg['batch_size'] * cfg['gradient_accumulation_steps'] * T
     peak = peak_flops(device)
     flops_per_step = model.flops_per_token(T) * tokens_per_step
-    print(f"{model.num_params() / 1e6:.2f}M parameters ({model.num_params(exits=False) / 1e6:.2f}M without exits), "
-          f"exits after blocks {list(gptconf.exit_depths)}, {tokens_per_step:,} tokens/step on {device} {cfg['dtype']}")
-    log = open(os.path.join(cfg['out_dir'], 'log.jsonl'), 'a')
+    main = ps.is_main
+    if main:
+        os.makedirs(cfg['out_dir'], exist_ok=True)
+        print(f"{model.num_params() / 1e6:.2f}M parameters ({model.num_params(exits=False) / 1e6:.2f}M without exits), "
+              f"exits after blocks {list(gptconf.exit_depths)}, {tokens_per_step:,} tokens/step, "
+              f"{ps.world} x {device} {cfg['dtype']} as {str(ps).split(' rank')[0]}")
+    log = open(os.path.join(cfg['out_dir'], 'log.jsonl'), 'a') if main else None
 
     def record(entry):
-        log.write(json.dumps(entry) + '\n')
-        log.flush()
+        if main:
+            log.write(json.dumps(entry) + '\n')
+            log.flush()
 
     it, t0, steps = iter_num, time.time(), 0
     try:
         while True:
             if it % cfg['eval_interval'] == 0 or it == cfg['max_iters']:
-                ev = evaluate(fwd, data, cfg, ctx)
+                ev = evaluate(fwd, data, cfg, ctx, ps)
                 (tl, tex), (vl, vex) = ev['train'], ev['val']
-                print(f'step {it}: train loss {tl:.4f} exits {fmt_losses(tex)}, val loss {vl:.4f} exits {fmt_losses(vex)}')
+                if main:
+                    print(f'step {it}: train loss {tl:.4f} exits {fmt_losses(tex)}, '
+                          f'val loss {vl:.4f} exits {fmt_losses(vex)}')
                 record({'iter': it, 'train_loss': tl, 'train_exit_losses': tex, 'val_loss': vl, 'val_exit_losses': vex})
                 if it > iter_num and (vl < best_val_loss or cfg['always_save_checkpoint']):
                     best_val_loss = min(best_val_loss, vl)
-                    save_checkpoint(cfg['out_dir'], model, optimizer, cfg, it, best_val_loss)
+                    save_checkpoint(cfg['out_dir'], model, optimizer, cfg, it, best_val_loss, ps)
                 t0, steps = time.time(), 0  # keep evaluation out of the step timing
             if it >= cfg['max_iters']:
                 break
-            # one optimizer step over the global batch of step it
-            lr = get_lr(it, cfg)
-            for group in optimizer.param_groups:
-                group['lr'] = lr
-            w = exit_weights(it, cfg, n_exits)
-            offsets = batch_offsets(len(data['train']), T, B * accum, cfg['seed'], it, 'train')
-            sums = torch.zeros(1 + n_exits, device=device)  # losses of this step, for the log
-            for micro in range(accum):
-                x, y = get_batch(data['train'], offsets[micro * B:(micro + 1) * B], T, device)
-                with ctx:
-                    total, loss, exit_losses = weighted_loss(fwd, x, y, w)
-                scaler.scale(total / accum).backward()
-                sums += torch.stack([loss, *exit_losses]).detach() / accum
-            gnorm = None
-            if cfg['grad_clip'] > 0:
-                scaler.unscale_(optimizer)
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            losses, lr, w, gnorm = train_step(fwd, optimizer, grads, data['train'], cfg, it, ctx, scaler, ps)
             steps += 1
             if it % cfg['log_interval'] == 0:
-                vals = sums.tolist()  # the one host sync of a logged step
+                vals = losses.tolist()  # the one host sync of a logged step
                 dt = (time.time() - t0) / steps
-                tok_s, mfu = tokens_per_step / dt, (flops_per_step / dt / peak if peak else None)
+                tok_s, mfu = tokens_per_step / dt, (flops_per_step / dt / (peak * ps.world) if peak else None)
                 mem = torch.cuda.max_memory_allocated(device) / 2**30 if device_type == 'cuda' else None
-                print(f"iter {it}: loss {vals[0]:.4f} exits {fmt_losses(vals[1:])} lr {lr:.2e} "
-                      f"{dt * 1000:.1f} ms {tok_s:,.0f} tok/s" + (f' mfu {mfu * 100:.1f}%' if mfu else '')
-                      + (f' mem {mem:.2f} GiB' if mem else ''))
+                if main:
+                    print(f"iter {it}: loss {vals[0]:.4f} exits {fmt_losses(vals[1:])} lr {lr:.2e} "
+                          f"{dt * 1000:.1f} ms {tok_s:,.0f} tok/s" + (f' mfu {mfu * 100:.1f}%' if mfu else '')
+                          + (f' mem {mem:.2f} GiB' if mem else ''))
                 record({'iter': it, 'loss': vals[0], 'exit_losses': vals[1:], 'lr': lr, 'exit_weights': w,
                         'grad_norm': None if gnorm is None else gnorm.item(),
                         'ms': dt * 1000, 'tok_s': tok_s, 'mfu': mfu, 'mem_gib': mem})
                 t0, steps = time.time(), 0
             it += 1
     except KeyboardInterrupt:
-        print(f'interrupted: saving step {it} to {cfg["out_dir"]}')
-        save_checkpoint(cfg['out_dir'], model, optimizer, cfg, it, best_val_loss)
+        if ps.world == 1:  # a collective save could hang if only some ranks were interrupted
+            print(f"interrupted: saving step {it} to {cfg['out_dir']}")
+            save_checkpoint(cfg['out_dir'], model, optimizer, cfg, it, best_val_loss, ps)
         raise
     finally:
-        log.close()
+        if log:
+            log.close()
     return model
 
 
 if __name__ == '__main__':
-    train(configure(DEFAULTS, sys.argv[1:]))
+    try:
+        train(configure(DEFAULTS, sys.argv[1:]))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -163,15 +163,17 @@ def test_resume_continues_the_same_curve(dataset, tmp_path):
 
 def test_checkpoint_errors(dataset, tmp_path):
     with pytest.raises(FileNotFoundError, match='no checkpoint'):
-        train.load_checkpoint(str(tmp_path))
-    train.train(run_cfg(dataset, tmp_path, max_iters=2, eval_interval=2))
-    meta, state, _ = train.load_checkpoint(str(tmp_path))
-    assert meta['iter_num'] == 2 and meta['model_config']['exit_layers'] == [1, 2]
+        train.Checkpoint(str(tmp_path))
+    trained = train.train(run_cfg(dataset, tmp_path, max_iters=2, eval_interval=2))
+    loaded, ckpt = train.load_model(str(tmp_path))
+    assert ckpt.meta['iter_num'] == 2 and ckpt.meta['model_config']['exit_layers'] == [1, 2]
+    for (n, a), b in zip(trained.named_parameters(), loaded.parameters()):
+        assert torch.equal(a, b), n
     assert not os.path.exists(tmp_path / 'ckpt.tmp') and not os.path.exists(tmp_path / 'ckpt.old')
-    path = tmp_path / 'ckpt' / 'model.pt'
+    path = tmp_path / 'ckpt' / 'shard-pp0-tp0.pt'
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(RuntimeError, match='truncated'):
-        train.load_checkpoint(str(tmp_path))
+        train.Checkpoint(str(tmp_path))
 
 
 def test_cli_end_to_end(dataset, tmp_path):
