@@ -251,7 +251,8 @@ class _VocabParallelCE(torch.autograd.Function):
 def cross_entropy(logits, targets, vocab_size, ps):
     """Mean cross-entropy of (B, T, V/tp) logits against (B, T) targets; -1 is ignored.
     Padded vocabulary columns (past vocab_size) never count."""
-    logits, targets = logits.float().flatten(0, 1), targets.flatten()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1)  # at least float32
+    targets = targets.flatten()
     if ps.tp == 1:
         return torch.nn.functional.cross_entropy(logits, targets, ignore_index=-1)
     start = ps.tp_rank * logits.size(1)

@@ -307,13 +307,16 @@ class Checkpoint:
         if e is None or e['shape'] != logical:
             raise RuntimeError(f'checkpoint {self.path}: tensor {name} is '
                                f"{'missing' if e is None else e['shape']}, the model wants {logical}")
-        if e['dim'] is None:
-            return self._file(e['pieces'][0][0])[kind][name]
-        dim = e['dim']
+        dim, pieces = e['dim'], e['pieces']
+        if dim is None:  # saved whole (replicated, or written by one process)
+            dim = getattr(p, 'tp_dim', None)
+            if dim is None:
+                return self._file(pieces[0][0])[kind][name]
+            pieces = [[pieces[0][0], 0, logical[dim]]]
         r = local_range(p, ps)
         start, end = (r[1], r[2]) if r else (0, logical[dim])
         out = torch.zeros(p.shape, dtype=p.dtype)
-        for fname, a, b in e['pieces']:
+        for fname, a, b in pieces:
             lo, hi = max(a, start), min(b, end)
             if hi > lo:
                 src = self._file(fname)[kind][name]
