@@ -254,5 +254,5 @@ def test_torchrun_training_matches_one_process(tmp_path):
         assert b['loss'] == pytest.approx(a['loss'], rel=1e-4)
         assert b['exit_losses'] == pytest.approx(a['exit_losses'], rel=1e-4)
     bad = torchrun(2, [f'--out_dir={tmp_path / "bad"}', '--tp=2', '--n_head=3', '--n_embd=33'] + args[:3]
-                   + args[5:], ROOT)
+                   + args[6:], ROOT)
     assert bad.returncode != 0 and 'n_head=3 is not divisible by tp=2' in bad.stderr
