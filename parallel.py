@@ -81,11 +81,14 @@ def init_distributed(device='cuda'):
     rank's GPU. Returns the device string. A plain `python` run is left alone."""
     if int(os.environ.get('WORLD_SIZE', '1')) == 1:
         return device
-    if not dist.is_initialized():
-        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
     if device.startswith('cuda'):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if device.startswith('cuda'):
+            dist.init_process_group('nccl', device_id=torch.device(device))
+        else:
+            dist.init_process_group('gloo')
     return device
 
 

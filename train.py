@@ -395,6 +395,9 @@ def forward_backward(model, grads, data, cfg, it, ctx, scaler, ps=LOCAL):
     layout) and GradSync sums them over dp. Returns the step's mean losses (final, exits...)
     over the global batch and the exit weights used."""
     B, T, accum = cfg['batch_size'], cfg['block_size'], cfg['gradient_accumulation_steps']
+    if accum % ps.dp:
+        raise ValueError(f'gradient_accumulation_steps={accum} is not divisible by dp={ps.dp} '
+                         f'(each dp rank takes an equal share of the global batch)')
     w = exit_weights(it, cfg, len(cfg['exit_layers']))
     offsets = batch_offsets(len(data), T, B * accum, cfg['seed'], it, 'train')
     local = accum // ps.dp  # micro-batches of this rank: global indices dp_rank*local + m
@@ -476,9 +479,6 @@ def train(cfg):
         raise ValueError(f"vocab_size={gptconf.vocab_size} < the dataset's {data_meta['vocab_size']}")
     world = int(os.environ.get('WORLD_SIZE', '1'))
     check_layout(world, cfg['tp'], 1, cfg['sp'], gptconf)  # every rank fails alike, before any collective
-    if cfg['gradient_accumulation_steps'] % (world // cfg['tp']):
-        raise ValueError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} is not divisible "
-                         f"by dp={world // cfg['tp']} (each dp rank takes an equal share of the global batch)")
     ps = ParallelState(cfg['tp'], 1, cfg['sp'])
     torch.manual_seed(cfg['seed'] + ps.dp_rank)  # dropout: tp ranks agree, dp ranks differ
     model = GPT(gptconf, ps, seed=cfg['seed']).to(device)

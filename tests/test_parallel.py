@@ -256,3 +256,5 @@ def test_torchrun_training_matches_one_process(tmp_path):
     bad = torchrun(2, [f'--out_dir={tmp_path / "bad"}', '--tp=2', '--n_head=3', '--n_embd=33'] + args[:3]
                    + args[6:], ROOT)
     assert bad.returncode != 0 and 'n_head=3 is not divisible by tp=2' in bad.stderr
+    bad = torchrun(2, [f'--out_dir={tmp_path / "bad"}'] + args + ['--gradient_accumulation_steps=1'], ROOT)
+    assert bad.returncode != 0 and 'gradient_accumulation_steps=1 is not divisible by dp=2' in bad.stderr

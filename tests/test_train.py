@@ -185,3 +185,12 @@ def test_cli_end_to_end(dataset, tmp_path):
     assert out.returncode == 0, out.stderr
     assert 'iter 2: loss' in out.stdout and 'tok/s' in out.stdout
     assert os.path.exists(tmp_path / 'ckpt' / 'meta.json')
+
+
+def test_bench_runs_tiny_on_cpu():
+    """bench.py must not rot: its tiny shape runs the real train step and reports JSON."""
+    out = subprocess.run([sys.executable, 'bench.py', '--shape=tiny', '--device=cpu', '--steps=2', '--warmup=1',
+                          '--exit_layers=[1]'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result['tokens_per_s'] > 0 and result['exits'] == [1] and result['layout'] == 'dp1-pp1-tp1'

@@ -1,0 +1,113 @@
+"""
+Training throughput of the real train step (train.train_step) on random tokens, in any
+layout. The last line printed is JSON.
+
+    python bench.py --shape=1b                                          # one GPU
+    torchrun --nproc_per_node=2 bench.py --shape=1b --tp=2 --sp=True    # tensor (+ sequence) parallel
+    python bench.py --shape=tiny --device=cpu --steps=3                 # a smoke test on the CPU
+
+Reports the median step time after warm-up, tokens/s, MFU against the GPU's datasheet
+peak and against the bf16 matmul rate measured in the same run, and peak memory.
+"""
+
+import json
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import train
+from model import GPT, GPTConfig
+from parallel import GradSync, ParallelState, init_distributed
+
+SHAPES = {  # GPT-2 family shapes (vocab padded to 50304); '1b' is GPT-2 XL's width at 24 layers
+    'tiny': dict(n_layer=2, n_head=4, n_embd=64, vocab_size=256, block_size=64),
+    '124m': dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304, block_size=1024),
+    '350m': dict(n_layer=24, n_head=16, n_embd=1024, vocab_size=50304, block_size=1024),
+    '1b': dict(n_layer=24, n_head=16, n_embd=2048, vocab_size=50304, block_size=1024),
+}
+
+shape = '124m'
+arch = 'gpt2'
+exit_layers = ()
+batch_size = 8
+gradient_accumulation_steps = 1
+steps = 20
+warmup = 5
+compile = False
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
+tp = 1
+sp = False
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and k.islower() and
+            isinstance(v, (int, float, bool, str, tuple, type(None)))}
+
+
+def matmul_tflops(device, n=8192, reps=20):
+    """Measured bf16 matmul rate (TFLOP/s), the ceiling an MFU figure is really up against."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def main(args):
+    cfg_b = train.configure(DEFAULTS, args)
+    dev = init_distributed(cfg_b['device'])
+    ps = ParallelState(cfg_b['tp'], 1, cfg_b['sp'])
+    mcfg = GPTConfig(arch=cfg_b['arch'], exit_layers=cfg_b['exit_layers'], **SHAPES[cfg_b['shape']])
+    cfg = dict(train.DEFAULTS, device=dev, batch_size=cfg_b['batch_size'], block_size=mcfg.block_size,
+               gradient_accumulation_steps=cfg_b['gradient_accumulation_steps'], exit_layers=mcfg.exit_layers,
+               warmup_iters=0)
+    cuda = dev.startswith('cuda')
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[cfg_b['dtype']]
+    ctx = torch.autocast('cuda' if cuda else 'cpu', dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
+    model = GPT(mcfg, ps).to(dev)
+    optimizer = train.make_optimizer(model, cfg, 'cuda' if cuda else 'cpu')
+    grads = GradSync(model.parameters(), ps)
+    scaler = torch.amp.GradScaler('cuda' if cuda else 'cpu', enabled=False)
+    fwd = torch.compile(model) if cfg_b['compile'] else model
+    data = np.random.default_rng(0).integers(0, mcfg.vocab_size, 2_000_000).astype(np.uint16)
+    times = []
+    for it in range(cfg_b['warmup'] + cfg_b['steps']):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        train.train_step(fwd, optimizer, grads, data, cfg, it, ctx, scaler, ps)
+        if cuda:
+            torch.cuda.synchronize()
+        if it >= cfg_b['warmup']:
+            times.append(time.perf_counter() - t0)
+    dt = statistics.median(times)
+    tokens = cfg['batch_size'] * cfg['gradient_accumulation_steps'] * ps.dp * mcfg.block_size
+    flops = model.flops_per_token(mcfg.block_size) * tokens / dt / ps.world  # per GPU
+    peak = train.peak_flops(dev)
+    result = {'shape': cfg_b['shape'], 'params_M': round(model.num_params() / 1e6, 1), 'exits': list(mcfg.exit_layers),
+              'layout': str(ps).split(' rank')[0], 'sp': ps.sp, 'compile': cfg_b['compile'], 'dtype': cfg_b['dtype'],
+              'batch_tokens': tokens, 'ms_per_step': round(dt * 1000, 2), 'tokens_per_s': round(tokens / dt),
+              'tflops_per_gpu': round(flops / 1e12, 1),
+              'mfu_datasheet': round(flops / peak, 4) if peak else None,
+              'device': torch.cuda.get_device_name(dev) if cuda else 'cpu'}
+    if cuda:
+        ceiling = matmul_tflops(dev)
+        result.update(matmul_tflops=round(ceiling, 1), mfu_measured=round(flops / 1e12 / ceiling, 4),
+                      mem_gib=round(torch.cuda.max_memory_allocated(dev) / 2**30, 2))
+    if ps.is_main:
+        print(json.dumps(result))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
