@@ -233,25 +233,48 @@ class ExitHead(nn.Module):
 # the model
 
 class GPT(nn.Module):
-    def __init__(self, cfg, ps=None, seed=0):
+    """The model, or one pipeline stage of it: `layers` (a range of block indices, default
+    all) says which blocks this rank builds; the embedding comes with block 0, the final
+    norm and LM head with the last block, each exit with the block it reads. Parameters
+    keep their logical names (blocks.7.attn.q.weight) in every layout."""
+
+    def __init__(self, cfg, ps=None, seed=0, layers=None):
         super().__init__()
         ps = LOCAL if ps is None else ps
         check_layout(ps.world, ps.tp, ps.pp, ps.sp, cfg)
         self.config, self.ps = cfg, ps
-        self.wte = VocabEmbedding(cfg.vocab_size, cfg.n_embd, ps)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.arch == 'gpt2' else None
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, ps) for _ in range(cfg.n_layer))
-        self.norm_f = Norm(cfg)
-        self.lm_head = ColumnLinear(cfg.n_embd, cfg.vocab_size, False, ps)
-        self.exits = nn.ModuleList(ExitHead(cfg, ps) for _ in cfg.exit_layers)
-        # exits that read the output of block i (0-based): {i: [exit index, ...]}
+        layers = range(cfg.n_layer) if layers is None else layers
+        self.first, self.last = 0 in layers, cfg.n_layer - 1 in layers
+        # exits that read the output of block i (0-based): {i: [exit index, ...]}, this stage's only
         self.exits_after = {}
         for e, d in enumerate(cfg.exit_depths):
-            self.exits_after.setdefault(d - 1, []).append(e)
+            if d - 1 in layers:
+                self.exits_after.setdefault(d - 1, []).append(e)
+        mine = [e for es in self.exits_after.values() for e in es]
+        self.wte = VocabEmbedding(cfg.vocab_size, cfg.n_embd, ps) if self.first else None
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.arch == 'gpt2' and self.first else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleDict({str(i): Block(cfg, ps) for i in layers})
+        self.norm_f = Norm(cfg) if self.last else None
+        needs_head = self.last or (mine and not cfg.exit_untie)  # exits share the LM head's matrix
+        self.lm_head = ColumnLinear(cfg.n_embd, cfg.vocab_size, False, ps) if needs_head else None
+        self.exits = nn.ModuleDict({str(e): ExitHead(cfg, ps) for e in mine})
         self.register_buffer('rope_cos', None, persistent=False)
         self.register_buffer('rope_sin', None, persistent=False)
         self.init_weights(seed)
+
+    def tie(self):
+        """The output matrix is one logical tensor ('wte.weight' when tied, else 'lm_head.weight');
+        a stage that needs it without holding the embedding keeps a copy under that name."""
+        if self.lm_head is not None and self.config.tie_embeddings:
+            if self.wte is not None:
+                self.lm_head.weight = self.wte.weight
+            else:
+                self.lm_head.weight.logical_name = 'wte.weight'
+
+    def logical_parameters(self):
+        """(logical name, parameter) for every parameter this rank holds."""
+        return [(getattr(p, 'logical_name', n), p) for n, p in self.named_parameters()]
 
     @torch.no_grad()
     def init_weights(self, seed=0):
@@ -262,8 +285,7 @@ class GPT(nn.Module):
         with model.to_empty(device=...) followed by model.init_weights()."""
         for m in self.modules():  # (again: to_empty from meta replaces the parameter objects)
             mark_splits(m)
-        if self.config.tie_embeddings:
-            self.lm_head.weight = self.wte.weight
+        self.tie()
         resid_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         seen = set()
         for mname, m in self.named_modules():
@@ -275,30 +297,29 @@ class GPT(nn.Module):
                     p.fill_(1.0 if pname == 'weight' else 0.0)  # norms 1, biases 0
                     continue
                 std = resid_std if getattr(m, 'residual', False) else 0.02
+                name = getattr(p, 'logical_name', f'{mname}.{pname}')
                 full = torch.empty(getattr(p, 'logical_shape', p.shape), device=p.device, dtype=p.dtype)
-                gen = torch.Generator(p.device).manual_seed(seed * 1_000_003 + zlib.crc32(f'{mname}.{pname}'.encode()))
+                gen = torch.Generator(p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
                 p.copy_(take_shard(full.normal_(0.0, std, generator=gen), p, self.ps))
         if self.config.arch == 'llama':
-            cos, sin = rope_table(self.config, self.wte.weight.device)
+            cos, sin = rope_table(self.config, next(self.parameters()).device)
             self.register_buffer('rope_cos', cos, persistent=False)
             self.register_buffer('rope_sin', sin, persistent=False)
 
     def num_params(self, exits=True):
-        """Parameters of the logical (whole) model."""
+        """Parameters of this rank's part of the model, counted whole over tensor parallelism."""
         return sum(math.prod(getattr(p, 'logical_shape', p.shape)) for n, p in self.named_parameters()
                    if exits or not n.startswith('exits.'))
 
     def flops_per_token(self, T):
-        """Training FLOPs per token (forward + backward = 6 per weight per token, PaLM appendix B),
-        counting every matmul that runs: blocks, LM head, and each exit with its output matrix."""
+        """Training FLOPs per token of the whole model (forward + backward = 6 per weight per
+        token, PaLM appendix B), counting every matmul that runs: blocks, LM head, exits."""
         cfg = self.config
-        numel = lambda p: math.prod(getattr(p, 'logical_shape', p.shape))
-        weights = sum(numel(p) for p in self.blocks.parameters() if p.dim() == 2)
-        weights += cfg.vocab_size * cfg.n_embd                            # LM head
-        for e in self.exits:
-            weights += sum(numel(p) for n, p in e.named_parameters() if p.dim() == 2 and n != 'out.weight')
-            weights += cfg.vocab_size * cfg.n_embd                        # exit output matrix
-        n_attn = cfg.n_layer + (len(self.exits) if cfg.exit_block else 0)
+        attn_w = cfg.n_embd * cfg.head_dim * (2 * cfg.n_head + 2 * cfg.n_kv_head)   # q, o; k, v
+        mlp_w = cfg.n_embd * cfg.ffn_hidden * (3 if cfg.arch == 'llama' else 2)
+        exit_w = cfg.n_embd * cfg.vocab_size + (attn_w + mlp_w if cfg.exit_block else mlp_w if cfg.exit_mlp else 0)
+        weights = cfg.n_layer * (attn_w + mlp_w) + cfg.n_embd * cfg.vocab_size + len(cfg.exit_layers) * exit_w
+        n_attn = cfg.n_layer + (len(cfg.exit_layers) if cfg.exit_block else 0)
         attn = n_attn * 2 * 2 * cfg.n_head * cfg.head_dim * T               # QK^T and AV, forward
         return 6 * weights + 3 * attn
 
@@ -336,13 +357,22 @@ class GPT(nn.Module):
 
     def exit_logits(self, e, x, rope=None, input_pos=None):
         """Logits of exit e (0-based, in exit_layers order) from the hidden state it reads."""
-        return self.exits[e](x, self.lm_head.weight, rope, input_pos)
+        return self.exits[str(e)](x, None if self.lm_head is None else self.lm_head.weight, rope, input_pos)
 
     def final_logits(self, x):
         return self.lm_head(enter(self.norm_f(x), self.ps))  # (B, T, V/tp)
 
     def loss(self, logits, targets):
         return cross_entropy(logits, targets, self.config.vocab_size, self.ps)
+
+    def run_blocks(self, x, rope=None, input_pos=None, exits=False):
+        """This rank's blocks on hidden state x. Returns (x, [(exit index, hidden it reads)])."""
+        taps = []
+        for i, block in self.blocks.items():
+            x = block(x, rope, input_pos)
+            if exits:
+                taps += [(e, x) for e in self.exits_after.get(int(i), ())]
+        return x, taps
 
     def forward(self, idx, targets=None, exits=False, input_pos=None):
         """idx (B, T) token ids; targets (B, T) or None; exits: also compute every exit;
@@ -352,14 +382,9 @@ class GPT(nn.Module):
         With exits=False no exit computes anything and the list is empty."""
         x, pos = self.embed(idx, input_pos)
         rope = self.rope(pos)
-        outs = []
-        for i, block in enumerate(self.blocks):
-            x = block(x, rope, input_pos)
-            if exits:
-                for e in self.exits_after.get(i, ()):
-                    logits = self.exit_logits(e, x, rope, input_pos)
-                    outs.append(logits if targets is None else self.loss(logits, targets))
+        x, taps = self.run_blocks(x, rope, input_pos, exits)
+        outs = [self.exit_logits(e, h, rope, input_pos) for e, h in taps]
         logits = self.final_logits(x)
         if targets is None:
             return logits, outs
-        return self.loss(logits, targets), outs
+        return self.loss(logits, targets), [self.loss(lg, targets) for lg in outs]

@@ -235,10 +235,10 @@ def save_checkpoint(out_dir, model, optimizer, cfg, iter_num, best_val_loss, ps=
     if ps.dp_rank == 0:  # data-parallel replicas hold the same shards: one writes
         fname = f'shard-pp{ps.pp_rank}-tp{ps.tp_rank}.pt'
         shard = {'param': {}, 'exp_avg': {}, 'exp_avg_sq': {}}
-        for name, p in model.named_parameters():
+        for name, p in model.logical_parameters():
             r = local_range(p, ps)
-            if r is None and ps.tp_rank > 0:
-                continue  # replicated over tp: tp rank 0 writes it
+            if (r is None and ps.tp_rank > 0) or getattr(p, 'duplicate', False):
+                continue  # replicated over tp: tp rank 0 writes it; a stage's copy: its first holder
             state = optimizer.state.get(p, {})
             for kind, t in (('param', p.detach()), ('exp_avg', state.get('exp_avg')),
                             ('exp_avg_sq', state.get('exp_avg_sq'))):
@@ -326,7 +326,7 @@ class Checkpoint:
     def load_into(self, model, optimizer=None, ps=LOCAL):
         """Copy this rank's shards into the model (and the AdamW state into the optimizer)."""
         with torch.no_grad():
-            for name, p in model.named_parameters():
+            for name, p in model.logical_parameters():
                 p.copy_(self.read('param', name, p, ps))
                 if optimizer is not None and p.requires_grad:
                     fused = optimizer.defaults.get('fused')

@@ -58,7 +58,7 @@ def reference_forward(model, idx):
     x, pos = model.embed(idx)
     rope = model.rope(pos)
     hidden = [x]
-    for block in model.blocks:
+    for block in model.blocks.values():
         x = block(x, rope)
         hidden.append(x)
     exits = [model.exit_logits(e, hidden[d], rope) for e, d in enumerate(model.config.exit_depths)]
@@ -86,7 +86,7 @@ def test_losses_are_cross_entropies_of_the_logits(arch):
 def test_plain_forward_runs_no_exit():
     model = GPT(tiny(exit_layers=(1, 2, 3), exit_block=True))
     calls = []
-    for e in model.exits:
+    for e in model.exits.values():
         e.register_forward_hook(lambda *a: calls.append(1))
     logits, exits = model(torch.randint(0, 61, (1, 8)))
     assert exits == [] and calls == []
@@ -96,17 +96,17 @@ def test_plain_forward_runs_no_exit():
 
 def test_tied_and_untied_heads():
     g = GPT(tiny(arch='gpt2', exit_layers=(2,)))
-    assert g.lm_head.weight is g.wte.weight and g.exits[0].out is None
+    assert g.lm_head.weight is g.wte.weight and g.exits['0'].out is None
     l = GPT(tiny(exit_layers=(2,), exit_untie=True))
-    assert l.lm_head.weight is not l.wte.weight and l.exits[0].out.weight.shape == (61, 32)
+    assert l.lm_head.weight is not l.wte.weight and l.exits['0'].out.weight.shape == (61, 32)
 
 
 def test_init_std_and_meta_device():
     cfg = tiny(arch='gpt2', n_layer=8, n_embd=256, vocab_size=500)
     torch.manual_seed(0)
     m = GPT(cfg)
-    assert abs(m.blocks[0].attn.q.weight.std().item() - 0.02) < 2e-3
-    assert abs(m.blocks[0].mlp.down.weight.std().item() - 0.02 / 4) < 5e-4  # 1/sqrt(2 * 8)
+    assert abs(m.blocks['0'].attn.q.weight.std().item() - 0.02) < 2e-3
+    assert abs(m.blocks['0'].mlp.down.weight.std().item() - 0.02 / 4) < 5e-4  # 1/sqrt(2 * 8)
     with torch.device('meta'):
         lazy = GPT(tiny(exit_layers=(2,)))
     assert lazy.wte.weight.is_meta

@@ -94,7 +94,7 @@ def test_weighted_loss_and_its_gradient():
     torch.testing.assert_close(total, ref)
     for g, p in zip(grads, model.parameters()):
         torch.testing.assert_close(g, p.grad)
-    assert model.exits[0].out.weight.grad.abs().sum() > 0
+    assert model.exits['0'].out.weight.grad.abs().sum() > 0
 
 
 def test_batches_depend_only_on_seed_and_step():
