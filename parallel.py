@@ -64,6 +64,27 @@ class ParallelState:
                     g = dist.new_group(ranks)
                     if self.rank in ranks:
                         setattr(self, f'{name}_group', g)
+        self._grid, self._stage_groups = grid, {}
+
+    def stage_rank(self, stage):
+        """Global rank of this rank's counterpart (same dp and tp position) on another stage."""
+        return int(self._grid[self.dp_rank, stage, self.tp_rank])
+
+    def stage_group(self, stages):
+        """A group joining this rank's counterparts on the given pipeline stages (e.g. the
+        stages holding a copy of the output matrix). Collective: every rank calls it alike."""
+        key = tuple(stages)
+        if key not in self._stage_groups:
+            mine = None
+            if self.world > 1 and len(key) > 1:
+                for d in range(self.dp):
+                    for t in range(self.tp):
+                        ranks = [int(self._grid[d, p, t]) for p in key]
+                        g = dist.new_group(ranks)
+                        if self.rank in ranks:
+                            mine = g
+            self._stage_groups[key] = mine
+        return self._stage_groups[key]
 
     def __str__(self):
         return f'dp{self.dp}-pp{self.pp}-tp{self.tp} rank {self.rank}'
@@ -311,7 +332,8 @@ class GradSync:
     last micro-batch (sync=True), the bucket's all-reduce starts at once, overlapping the
     rest of the backward pass; wait() finishes them. With sp, the gradients of replicated
     parameters (norms, biases after a row-parallel layer, positions) are partial sums over
-    the sequence shards and are summed over the tp group too."""
+    the sequence shards and are summed over the tp group too. A parameter copied on several
+    pipeline stages (copy_group) has its gradient summed over them."""
 
     def __init__(self, params, ps, bucket_mb=25):
         self.ps, self.sync = ps, False
@@ -336,6 +358,7 @@ class GradSync:
                     p.register_post_accumulate_grad_hook(self._hook(b))
             self.bufs.append(buf)
         self.replicated = [p for p in self.params if getattr(p, 'tp_dim', None) is None]
+        self.copies = [p for p in self.params if getattr(p, 'copy_group', None) is not None]
 
     def _hook(self, b):
         def hook(p):
@@ -361,6 +384,8 @@ class GradSync:
             for p in self.replicated:
                 p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
                 offset += p.numel()
+        for p in self.copies:  # a matrix held by several pipeline stages: sum their gradients
+            dist.all_reduce(p.grad, group=p.copy_group)
 
     def zero(self):
         for buf in self.bufs:
@@ -370,11 +395,12 @@ class GradSync:
 def clip_grad_norm_(params, max_norm, ps):
     """Scale gradients so that their global norm is at most max_norm; returns the norm.
     Each logical parameter counts once: split ones sum over tp (and stages over pp),
-    replicated ones count on tp rank 0 only, dp replicas are equal and count once."""
+    replicated ones count on tp rank 0 only, copies on several stages on the first one,
+    dp replicas are equal and count once."""
     params = list({id(p): p for p in params if p.grad is not None}.values())
     sq = torch.zeros((), device=params[0].device, dtype=torch.float32)
     for p in params:
-        if getattr(p, 'tp_dim', None) is not None or ps.tp_rank == 0:
+        if (getattr(p, 'tp_dim', None) is not None or ps.tp_rank == 0) and not getattr(p, 'duplicate', False):
             sq = sq + p.grad.float().pow(2).sum()
     if ps.tp * ps.pp > 1:
         dist.all_reduce(sq, group=ps.mp_group)

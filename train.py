@@ -28,6 +28,8 @@ import torch.distributed as dist
 
 from model import GPT, GPTConfig
 from parallel import LOCAL, GradSync, ParallelState, check_layout, clip_grad_norm_, init_distributed, local_range
+from pipeline import (build_stage, draw, exit_stages, fill_counts, microbatches, pipeline_eval,
+                      pipeline_forward_backward, schedule, stage_layers)
 
 # -----------------------------------------------------------------------------
 # defaults
@@ -62,9 +64,16 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
 compile = False                # torch.compile the model
 seed = 1337
-# parallelism (under torchrun; dp = world size / tp)
+# parallelism (under torchrun; dp = world size / (tp * pp))
 tp = 1                         # tensor-parallel ranks
 sp = False                     # sequence parallelism within the tp group
+pp = 1                         # pipeline stages (1F1B, pipeline.py)
+pp_layers = None               # blocks per stage, e.g. [5, 7]; None: an even split
+fill_bubbles = False           # EE-LLM bubble filling with extra exit-training microbatches
+fill_warmup = None             # fill microbatches in the warm-up / cool-down bubbles;
+fill_cooldown = None           #   None: int((pp-1) r/(1+r)) each when fill_bubbles
+backward_forward_ratio = 2.0   # r: backward time / forward time, for the fill counts
+print_schedule = False         # draw this run's pipeline schedule before training
 # model: every GPTConfig field is a key too (model.py documents them)
 for _f in fields(GPTConfig):
     globals()[_f.name] = _f.default
@@ -201,7 +210,7 @@ def load_data(name):
 def batch_offsets(n_tokens, block_size, n_seqs, seed, step, split):
     """Start offsets of a step's global batch. They depend only on (seed, step, split),
     never on the layout, so every parallel layout and a resumed run see the same data."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 2 + (split == 'val'))
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 3 + ('train', 'val', 'fill').index(split))
     return torch.randint(n_tokens - block_size - 1, (n_seqs,), generator=g)
 
 
@@ -342,10 +351,10 @@ class Checkpoint:
                 torch.cuda.set_rng_state(states['cuda'])
 
 
-def load_model(out_dir, ps=LOCAL, device='cpu'):
-    """A trained model from out_dir, in any layout. Returns (model, Checkpoint)."""
+def load_model(out_dir, ps=LOCAL, device='cpu', pp_layers=None):
+    """A trained model (this rank's stage) from out_dir, in any layout. Returns (model, Checkpoint)."""
     ckpt = Checkpoint(out_dir)
-    model = GPT(GPTConfig(**ckpt.meta['model_config']), ps).to(device)
+    model, _ = build_stage(GPTConfig(**ckpt.meta['model_config']), ps, pp_layers, device=device)
     ckpt.load_into(model, ps=ps)
     return model, ckpt
 
@@ -379,8 +388,13 @@ def evaluate(model, data, cfg, ctx, ps=LOCAL):
             offs = batch_offsets(len(data[split]), cfg['block_size'], cfg['batch_size'], cfg['seed'], -1 - k, split)
             x, y = get_batch(data[split], offs, cfg['block_size'], cfg['device'])
             with ctx:
-                loss, exit_losses = model(x, y, exits=True)
-            totals += torch.stack([loss, *exit_losses]).float()
+                if ps.pp > 1:
+                    totals += pipeline_eval(model, x, y, ps, len(cfg['exit_layers']))
+                else:
+                    loss, exit_losses = model(x, y, exits=True)
+                    totals += torch.stack([loss, *exit_losses]).float()
+        if ps.pp > 1:
+            dist.all_reduce(totals, group=ps.pp_group)
         if ps.dp > 1:
             dist.all_reduce(totals, group=ps.dp_group)
         means = (totals / cfg['eval_iters']).tolist()
@@ -392,28 +406,48 @@ def evaluate(model, data, cfg, ctx, ps=LOCAL):
 def forward_backward(model, grads, data, cfg, it, ctx, scaler, ps=LOCAL):
     """Gradients of step it's objective: this rank computes its dp share of the step's
     global batch (batch_size x gradient_accumulation_steps sequences, the same in every
-    layout) and GradSync sums them over dp. Returns the step's mean losses (final, exits...)
-    over the global batch and the exit weights used."""
+    layout) and GradSync sums them over dp; with pp > 1 the stages run the pipeline
+    schedule (pipeline.py, which also defines what bubble-filling microbatches add).
+    Returns the step's mean losses (final, exits...) over the global batch and the exit
+    weights used."""
     B, T, accum = cfg['batch_size'], cfg['block_size'], cfg['gradient_accumulation_steps']
     if accum % ps.dp:
         raise ValueError(f'gradient_accumulation_steps={accum} is not divisible by dp={ps.dp} '
                          f'(each dp rank takes an equal share of the global batch)')
     w = exit_weights(it, cfg, len(cfg['exit_layers']))
-    offsets = batch_offsets(len(data), T, B * accum, cfg['seed'], it, 'train')
     local = accum // ps.dp  # micro-batches of this rank: global indices dp_rank*local + m
-    sums = torch.zeros(1 + len(w), device=cfg['device'])
-    for m in range(local):
-        k = ps.dp_rank * local + m
-        x, y = get_batch(data, offsets[k * B:(k + 1) * B], T, cfg['device'])
-        grads.sync = m == local - 1  # all-reduce during the last backward only
-        with ctx:
-            total, loss, exit_losses = weighted_loss(model, x, y, w)
-        scaler.scale(total / accum).backward()
-        sums += torch.stack([loss, *exit_losses]).detach().float() / accum
+    offsets = batch_offsets(len(data), T, B * accum, cfg['seed'], it, 'train')
+    rows = lambda k: offsets[(ps.dp_rank * local + k) * B:(ps.dp_rank * local + k + 1) * B]
+    if ps.pp > 1:
+        mbs = pipeline_microbatches(cfg, ps, local)
+        n_fill = len(mbs) - local
+        fill = batch_offsets(len(data), T, B * n_fill * ps.dp, cfg['seed'], it, 'fill')
+        batch = lambda k: get_batch(data, rows(k) if k < local else
+                                    fill[(ps.dp_rank * n_fill + k - local) * B:][:B], T, cfg['device'])
+        sums = pipeline_forward_backward(model, grads, batch, w, accum, ctx, scaler, ps, mbs)
+    else:
+        sums = torch.zeros(1 + len(w), device=cfg['device'], dtype=torch.float64)
+        for m in range(local):
+            x, y = get_batch(data, rows(m), T, cfg['device'])
+            grads.sync = m == local - 1  # all-reduce during the last backward only
+            with ctx:
+                total, loss, exit_losses = weighted_loss(model, x, y, w)
+            scaler.scale(total / accum).backward()
+            sums += torch.stack([loss, *exit_losses]).detach().double() / accum
     grads.wait()
+    if ps.pp > 1:
+        dist.all_reduce(sums, group=ps.pp_group)  # each loss was computed on one stage
     if ps.dp > 1:
         dist.all_reduce(sums, group=ps.dp_group)
     return sums, w
+
+
+def pipeline_microbatches(cfg, ps, local):
+    """This layout's microbatches: the regular ones and the bubble-filling ones."""
+    layers = stage_layers(cfg['n_layer'], ps.pp, cfg['pp_layers'])
+    r = cfg['backward_forward_ratio']
+    kw, kc = fill_counts(ps.pp, r, cfg['fill_bubbles'], cfg['fill_warmup'], cfg['fill_cooldown'])
+    return microbatches(ps.pp, local, kw, kc, r, exit_stages(model_config(cfg, 1), layers))
 
 
 def train_step(model, optimizer, grads, data, cfg, it, ctx, scaler, ps=LOCAL):
@@ -453,7 +487,7 @@ def fmt_losses(xs):
 
 def train(cfg):
     """Runs one training job from a config dict (see configure), in one process or under
-    torchrun (dp x tp). Returns the model (this rank's shards)."""
+    torchrun (dp x pp x tp). Returns the model (this rank's stage and shards)."""
     device = cfg['device'] = init_distributed(cfg['device'])
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(cfg['dtype'])
@@ -478,10 +512,16 @@ def train(cfg):
     if gptconf.vocab_size < data_meta['vocab_size']:
         raise ValueError(f"vocab_size={gptconf.vocab_size} < the dataset's {data_meta['vocab_size']}")
     world = int(os.environ.get('WORLD_SIZE', '1'))
-    check_layout(world, cfg['tp'], 1, cfg['sp'], gptconf)  # every rank fails alike, before any collective
-    ps = ParallelState(cfg['tp'], 1, cfg['sp'])
+    check_layout(world, cfg['tp'], cfg['pp'], cfg['sp'], gptconf)  # every rank fails alike, before any collective
+    stage_layers(gptconf.n_layer, cfg['pp'], cfg['pp_layers'])
+    ps = ParallelState(cfg['tp'], cfg['pp'], cfg['sp'])
     torch.manual_seed(cfg['seed'] + ps.dp_rank)  # dropout: tp ranks agree, dp ranks differ
-    model = GPT(gptconf, ps, seed=cfg['seed']).to(device)
+    model, _ = build_stage(gptconf, ps, cfg['pp_layers'], cfg['seed'], device)
+    if cfg['print_schedule'] and ps.is_main and ps.pp > 1:
+        mbs = pipeline_microbatches(cfg, ps, cfg['gradient_accumulation_steps'] // ps.dp)
+        text, end, busy = draw(ps.pp, [schedule(ps.pp, s, mbs) for s in range(ps.pp)], mbs,
+                               cfg['backward_forward_ratio'])
+        print(f'pipeline schedule (time in forward units; idle {1 - busy / (ps.pp * end):.1%}):\n{text}')
     optimizer = make_optimizer(model, cfg, device_type)
     if cfg['init_from'] == 'resume':
         ckpt.load_into(model, optimizer, ps)
@@ -499,7 +539,8 @@ def train(cfg):
         os.makedirs(cfg['out_dir'], exist_ok=True)
         print(f"{model.num_params() / 1e6:.2f}M parameters ({model.num_params(exits=False) / 1e6:.2f}M without exits), "
               f"exits after blocks {list(gptconf.exit_depths)}, {tokens_per_step:,} tokens/step, "
-              f"{ps.world} x {device} {cfg['dtype']} as {str(ps).split(' rank')[0]}")
+              f"{ps.world} x {device} {cfg['dtype']} as {str(ps).split(' rank')[0]}"
+              + (' (stage 0)' if ps.pp > 1 else ''))
     log = open(os.path.join(cfg['out_dir'], 'log.jsonl'), 'a') if main else None
 
     def record(entry):
