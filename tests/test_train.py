@@ -192,5 +192,5 @@ def test_bench_runs_tiny_on_cpu():
     out = subprocess.run([sys.executable, 'bench.py', '--shape=tiny', '--device=cpu', '--steps=2', '--warmup=1',
                           '--exit_layers=[1]'], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])['runs'][0]
     assert result['tokens_per_s'] > 0 and result['exits'] == [1] and result['layout'] == 'dp1-pp1-tp1'
