@@ -104,7 +104,7 @@ def main(args):
         tokens = cfg['batch_size'] * cfg['gradient_accumulation_steps'] * mcfg.block_size
         flops = model.flops_per_token(mcfg.block_size) * tokens / dt / ps.world  # per GPU
         fills = len(train.pipeline_microbatches(cfg, ps, m)) - m if ps.pp > 1 else 0
-        r = {'shape': cfg_b['shape'], 'params_M': round(mcfg_params(mcfg) / 1e6, 1), 'exits': list(mcfg.exit_layers),
+        r = {'shape': cfg_b['shape'], 'stage_params_M': round(model.num_params() / 1e6, 1), 'exits': list(mcfg.exit_layers),
              'layout': str(ps).split(' rank')[0], 'sp': ps.sp, 'compile': cfg_b['compile'], 'dtype': cfg_b['dtype'],
              'microbatches': m, 'fill_microbatches': fills, 'batch_tokens': tokens,
              'ms_per_step': round(dt * 1000, 2), 'tokens_per_s': round(tokens / dt),
@@ -128,15 +128,6 @@ def main(args):
     if dist.is_initialized():
         dist.destroy_process_group()
     return summary
-
-
-def mcfg_params(mcfg):
-    """Parameters of the whole model (whatever this rank holds)."""
-    C, V = mcfg.n_embd, mcfg.vocab_size
-    block = C * mcfg.head_dim * (2 * mcfg.n_head + 2 * mcfg.n_kv_head) + C * mcfg.ffn_hidden * (
-        3 if mcfg.arch == 'llama' else 2)
-    return mcfg.n_layer * block + V * C * (1 if mcfg.tie_embeddings else 2) + len(mcfg.exit_layers) * (
-        V * C if mcfg.exit_untie else 0)
 
 
 if __name__ == '__main__':

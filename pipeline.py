@@ -255,29 +255,28 @@ def pipeline_forward_backward(model, grads, batch, w, accum, ctx, scaler, ps, mb
     """Run this stage's schedule for one step. batch(k) gives microbatch k's (x, y);
     w: exit weights. Returns the regular microbatches' loss sums (final, exits...) / accum,
     filled in on the stage that computes each (the caller sums over stages)."""
-    cfg, s = model.config, ps.pp_rank
+    s, param = ps.pp_rank, next(model.parameters())
     by_id = {m.id: m for m in mbs}
-    sums = torch.zeros(1 + len(w), device=next(model.parameters()).device, dtype=torch.float64)
+    sums = torch.zeros(1 + len(w), device=param.device, dtype=torch.float64)
     saved, bufs = {}, {}
+    B, T = batch(mbs[0].id)[0].shape
+    shape = (B, T // ps.tp if ps.sp else T, model.config.n_embd)  # activations and their gradients, agreed in advance
+    rope = model.rope(torch.arange(T, device=param.device))
     plan = comm_batches(schedule(ps.pp, s, mbs, kind))
     last_b = max((i for i, (_, a) in enumerate(plan) if a is not None and a.op == 'B'), default=-1)
     for i, (ops, act) in enumerate(plan):
-        for is_send, (peer, what, mb) in ops:  # receive buffers, shapes agreed in advance
+        for is_send, (peer, what, mb) in ops:
             if not is_send:
-                x, _ = batch(mb)
-                shape = (x.size(0), x.size(1) // ps.tp if ps.sp else x.size(1), cfg.n_embd)  # (B, T or T/tp, C)
-                bufs[('recv', what, mb)] = torch.empty(shape, device=x.device, dtype=next(model.parameters()).dtype)
+                bufs[('recv', what, mb)] = torch.empty(shape, device=param.device, dtype=param.dtype)
         _p2p(ops, ps, bufs)
         if act is None or act.op == 'R':  # (R: an early receive, kept for its forward)
             continue
         m = by_id[act.mb]
-        x, y = batch(act.mb)
-        rope = model.rope(torch.arange(x.size(1), device=x.device))
         if act.op == 'F':
             grad = s >= m.bwd_start
             with torch.set_grad_enabled(grad), ctx:
                 if model.first:
-                    inp, _ = model.embed(x)
+                    inp, _ = model.embed(batch(act.mb)[0])
                 else:
                     inp = bufs.pop(('recv', 'act', act.mb)).requires_grad_(grad and s > m.bwd_start)
                 out, taps = model.run_blocks(inp, rope, exits=grad)
@@ -287,8 +286,9 @@ def pipeline_forward_backward(model, grads, batch, w, accum, ctx, scaler, ps, mb
                 saved[act.mb] = (inp, out, taps)
         else:
             inp, out, taps = saved.pop(act.mb)
+            y = batch(act.mb)[1]
             with ctx:  # the heads run now, just before the backward
-                loss = torch.zeros((), device=x.device)
+                loss = torch.zeros((), device=param.device)
                 for e, h in taps:
                     ce = model.loss(model.exit_logits(e, h, rope), y)
                     loss = loss + w[e] * ce

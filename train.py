@@ -513,7 +513,6 @@ def train(cfg):
         raise ValueError(f"vocab_size={gptconf.vocab_size} < the dataset's {data_meta['vocab_size']}")
     world = int(os.environ.get('WORLD_SIZE', '1'))
     check_layout(world, cfg['tp'], cfg['pp'], cfg['sp'], gptconf)  # every rank fails alike, before any collective
-    stage_layers(gptconf.n_layer, cfg['pp'], cfg['pp_layers'])
     ps = ParallelState(cfg['tp'], cfg['pp'], cfg['sp'])
     torch.manual_seed(cfg['seed'] + ps.dp_rank)  # dropout: tp ranks agree, dp ranks differ
     model, _ = build_stage(gptconf, ps, cfg['pp_layers'], cfg['seed'], device)
@@ -537,10 +536,9 @@ def train(cfg):
     main = ps.is_main
     if main:
         os.makedirs(cfg['out_dir'], exist_ok=True)
-        print(f"{model.num_params() / 1e6:.2f}M parameters ({model.num_params(exits=False) / 1e6:.2f}M without exits), "
-              f"exits after blocks {list(gptconf.exit_depths)}, {tokens_per_step:,} tokens/step, "
-              f"{ps.world} x {device} {cfg['dtype']} as {str(ps).split(' rank')[0]}"
-              + (' (stage 0)' if ps.pp > 1 else ''))
+        print(f"{model.num_params() / 1e6:.2f}M parameters ({model.num_params(exits=False) / 1e6:.2f}M without exits)"
+              f"{' in stage 0' if ps.pp > 1 else ''}, exits after blocks {list(gptconf.exit_depths)}, "
+              f"{tokens_per_step:,} tokens/step, {ps.world} x {device} {cfg['dtype']} as {str(ps).split(' rank')[0]}")
     log = open(os.path.join(cfg['out_dir'], 'log.jsonl'), 'a') if main else None
 
     def record(entry):
