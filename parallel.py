@@ -124,7 +124,7 @@ def all_gather(x, dim, group, n):
     return out.movedim(0, dim)
 
 
-def reduce_scatter(x, dim, group, n, rank):
+def reduce_scatter(x, dim, group, n):
     """Sum x over the n ranks and keep this rank's chunk along dim."""
     x = x.movedim(dim, 0).contiguous()
     out = x.new_empty((x.shape[0] // n, *x.shape[1:]))
@@ -150,7 +150,7 @@ class _Enter(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         ps = ctx.ps
-        return (reduce_scatter(g, 1, ps.tp_group, ps.tp, ps.tp_rank) if ps.sp else all_reduce(g, ps.tp_group)), None
+        return (reduce_scatter(g, 1, ps.tp_group, ps.tp) if ps.sp else all_reduce(g, ps.tp_group)), None
 
 
 class _Leave(torch.autograd.Function):
@@ -160,7 +160,7 @@ class _Leave(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ps):
         ctx.ps = ps
-        return reduce_scatter(x, 1, ps.tp_group, ps.tp, ps.tp_rank) if ps.sp else all_reduce(x, ps.tp_group)
+        return reduce_scatter(x, 1, ps.tp_group, ps.tp) if ps.sp else all_reduce(x, ps.tp_group)
 
     @staticmethod
     def backward(ctx, g):
