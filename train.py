@@ -232,9 +232,10 @@ def _barrier(ps):
         dist.barrier()
 
 
-def save_checkpoint(out_dir, model, optimizer, cfg, iter_num, best_val_loss, ps=LOCAL):
+def save_checkpoint(out_dir, model, optimizer, cfg, iter_num, best_val_loss, ps=LOCAL, data=None):
     """Collective (every rank calls it). Written to ckpt.tmp and swapped in by renames, so
-    a crash never leaves a half-written ckpt (at worst ckpt.old, which loading falls back to)."""
+    a crash never leaves a half-written ckpt (at worst ckpt.old, which loading falls back to).
+    data: the dataset's meta (tokenizer, vocabulary), for generation."""
     final, tmp, old = (os.path.join(out_dir, n) for n in ('ckpt', 'ckpt.tmp', 'ckpt.old'))
     if ps.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -271,7 +272,7 @@ def save_checkpoint(out_dir, model, optimizer, cfg, iter_num, best_val_loss, ps=
                 tensors.setdefault(name, dict(e, pieces=[]))['pieces'] += e['pieces']
         step = next((float(st['step']) for st in optimizer.state.values() if 'step' in st), 0.0)
         meta = {'iter_num': iter_num, 'best_val_loss': best_val_loss, 'model_config': asdict(model.config),
-                'train_config': cfg, 'optimizer_step': step,
+                'train_config': cfg, 'optimizer_step': step, 'data': data,
                 'layout': {'world': ps.world, 'dp': ps.dp, 'pp': ps.pp, 'tp': ps.tp, 'sp': ps.sp},
                 'tensors': tensors, 'file_bytes': sizes}
         with open(os.path.join(tmp, 'meta.json'), 'w') as f:
@@ -558,7 +559,7 @@ def train(cfg):
                 record({'iter': it, 'train_loss': tl, 'train_exit_losses': tex, 'val_loss': vl, 'val_exit_losses': vex})
                 if it > iter_num and (vl < best_val_loss or cfg['always_save_checkpoint']):
                     best_val_loss = min(best_val_loss, vl)
-                    save_checkpoint(cfg['out_dir'], model, optimizer, cfg, it, best_val_loss, ps)
+                    save_checkpoint(cfg['out_dir'], model, optimizer, cfg, it, best_val_loss, ps, data_meta)
                 t0, steps = time.time(), 0  # keep evaluation out of the step timing
             if it >= cfg['max_iters']:
                 break
@@ -581,7 +582,7 @@ def train(cfg):
     except KeyboardInterrupt:
         if ps.world == 1:  # a collective save could hang if only some ranks were interrupted
             print(f"interrupted: saving step {it} to {cfg['out_dir']}")
-            save_checkpoint(cfg['out_dir'], model, optimizer, cfg, it, best_val_loss, ps)
+            save_checkpoint(cfg['out_dir'], model, optimizer, cfg, it, best_val_loss, ps, data_meta)
         raise
     finally:
         if log:

@@ -1,0 +1,283 @@
+"""
+Generate from a trained checkpoint, with KV-cached early exit.
+
+    python generate.py --out_dir=out-pystdlib --prompt="def main(" --max_new_tokens=200
+    python generate.py --out_dir=out-pystdlib --early_exit_thres=0.8 --show_exits
+    python generate.py --out_dir=out-pystdlib --method=speculative --spec_exit=2 --spec_k=4
+
+Methods:
+- full: every token runs every layer (static KV cache, one-token decode).
+- recompute (EE-LLM, arXiv 2312.04916, KV recomputation): at each allowed exit the exit's
+  next-token distribution is computed; if its max probability >= early_exit_thres the token
+  is emitted from it and the deeper layers are skipped. Those layers then lack KV for it;
+  the next token that goes deeper first runs them for all such pending tokens in the same
+  forward, so the deep KV is exactly what a full forward would produce.
+- speculative (self-speculative decoding, LayerSkip, arXiv 2404.16710): draft spec_k tokens
+  with the exit spec_exit, then verify them with the remaining layers in one forward that
+  reuses the draft's KV of the shared layers; the output is exactly the full model's
+  (greedy).
+"""
+
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from train import configure, load_model
+
+# -----------------------------------------------------------------------------
+out_dir = 'out-pystdlib'
+device = 'cpu'
+prompt = '\n'
+prompt_file = None
+prompt_ids = None               # a list of token ids, for checkpoints without a tokenizer
+max_new_tokens = 200
+temperature = 0.0               # 0: greedy
+top_k = None
+top_p = None
+seed = 1337
+method = 'recompute'            # 'full', 'recompute' or 'speculative'
+early_exit_thres = None         # None: no early exit (recompute runs the full model)
+exit_layers = None              # exits allowed to fire (their exit_layers numbers); None: all
+spec_exit = None                # the exit_layers number of the drafting exit
+spec_k = 4                      # tokens drafted per verification
+show_exits = False              # colour each token by the exit it left from
+print_max_prob = False          # print each token's confidence at every exit it reached
+json_out = False                # end with one JSON line (tokens, exit layers, text, tokens/s)
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items()
+            if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, list, type(None)))}
+
+
+def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """Next token from logits (B, V): greedy at temperature 0, else temperature, top-k, top-p."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    if top_p is not None:
+        probs, order = logits.softmax(-1).sort(-1, descending=True)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix with mass >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float('-inf'))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+class Decoder:
+    """Batch-1 decoding state over the model's static KV cache: the tokens so far, and for
+    each position how many blocks have its KV (`done`) and its hidden state at that depth."""
+
+    def __init__(self, model, prompt, max_len):
+        self.model, self.cfg = model, model.config
+        self.L = self.cfg.n_layer
+        model.setup_cache(1, max_len, dtype=next(model.parameters()).dtype)
+        self.tokens = list(prompt)
+        self.done = []                      # blocks with KV, per position
+        self.hidden = {}                    # position -> hidden state (1, 1, C) at depth done[position]
+        self.exit_at = {d: e for e, d in enumerate(self.cfg.exit_depths)}
+
+    def prefill(self):
+        """The prompt but its last token, through every layer and every exit (exits with a
+        block need its KV). Decoding starts at the last prompt token."""
+        n = len(self.tokens) - 1
+        if n > 0:
+            self.model(torch.tensor([self.tokens[:n]], device=self._device()), exits=True,
+                       input_pos=torch.arange(n, device=self._device()))
+        self.done = [self.L] * n
+
+    def _device(self):
+        return next(self.model.parameters()).device
+
+    def step(self, allowed, thres, pick, stop_depth=None):
+        """Process the last token, bringing every pending position along; at each allowed
+        exit, if max prob >= thres, emit from it. stop_depth: run no deeper (drafting).
+        Returns (token, depth it left at, {depth: max prob})."""
+        m, t = self.model, len(self.tokens) - 1
+        dev = self._device()
+        x, _ = m.embed(torch.tensor([[self.tokens[t]]], device=dev), torch.tensor([t], device=dev))
+        self.done.append(0)
+        self.hidden[t] = x
+        probs = {}
+        h, start = None, t + 1  # h (1, t+1-start, C): positions start..t at the current depth
+        for i in range(stop_depth or self.L):
+            # positions that need block i form a suffix (done never increases along positions);
+            # the ones stopped at depth i join the chunk here with their saved hidden states
+            joined = start
+            while start > 0 and self.done[start - 1] <= i:
+                start -= 1
+            h = torch.cat([self.hidden.pop(p) for p in range(start, joined)] + ([] if h is None else [h]), dim=1)
+            pos = torch.arange(start, t + 1, device=dev)
+            h = m.blocks[str(i)](h, m.rope(pos), pos)
+            for p in range(start, t + 1):
+                self.done[p] = i + 1
+            e = self.exit_at.get(i + 1)
+            if e is None or not (e in allowed or stop_depth == i + 1):
+                continue  # (an exit that may not fire is never computed)
+            has_block = m.exits[str(e)].block is not None
+            # an exit with a block keeps a KV cache: run it for every position passing here
+            logits = m.exit_logits(e, h if has_block else h[:, -1:], m.rope(pos if has_block else pos[-1:]),
+                                   pos if has_block else pos[-1:])[:, -1]
+            p_max = logits.float().softmax(-1).max().item()
+            probs[i + 1] = p_max
+            if p_max >= thres or stop_depth == i + 1:
+                self._park(h, start, t)
+                return pick(logits), i + 1, probs
+        if stop_depth:
+            self._park(h, start, t)
+            return None, stop_depth, probs
+        logits = m.final_logits(h[:, -1:])[:, -1]
+        return pick(logits), self.L, probs
+
+    def _park(self, h, start, t):
+        for p in range(start, t + 1):
+            self.hidden[p] = h[:, p - start:p - start + 1]
+
+
+@torch.no_grad()
+def generate(model, prompt, max_new_tokens, method='full', thres=None, allowed=None, spec_exit=None, spec_k=4,
+             temperature=0.0, top_k=None, top_p=None, seed=None, stop=None, on_token=None):
+    """Returns {'tokens', 'exit_layers' (depth each token left at; n_layer = final head),
+    'max_probs', 'accepted' (speculative: drafted tokens accepted / drafted)}."""
+    cfg = model.config
+    allowed = set(range(len(cfg.exit_layers))) if allowed is None else set(allowed)
+    gen = torch.Generator(next(model.parameters()).device).manual_seed(seed) if seed is not None else None
+    pick = lambda logits: int(sample(logits, temperature, top_k, top_p, gen)[0])
+    dec = Decoder(model, prompt, len(prompt) + max_new_tokens + spec_k + 1)
+    dec.prefill()
+    out = {'tokens': [], 'exit_layers': [], 'max_probs': [], 'drafted': 0, 'accepted': 0}
+
+    def emit(tok, depth, probs):
+        dec.tokens.append(tok)
+        out['tokens'].append(tok)
+        out['exit_layers'].append(depth)
+        out['max_probs'].append(probs)
+        if on_token:
+            on_token(tok, depth, probs)
+        return len(out['tokens']) >= max_new_tokens or tok == stop
+
+    if method in ('full', 'recompute'):
+        thres = float('inf') if (method == 'full' or thres is None) else thres
+        while True:
+            if emit(*dec.step(allowed if thres != float('inf') else set(), thres, pick)):
+                break
+    elif method == 'speculative':
+        if temperature != 0:
+            raise ValueError('method=speculative is greedy here: use temperature=0')
+        d = cfg.exit_depths[spec_exit]
+        while True:
+            n = len(dec.tokens)
+            drafts = []
+            for _ in range(spec_k):  # draft with the exit (layers < d, the shared KV)
+                tok, _, _ = dec.step(set(), float('inf'), pick, stop_depth=d)
+                drafts.append(tok)
+                dec.tokens.append(tok)
+            del dec.tokens[n:]
+            # verify: the remaining layers for the k drafted positions in one forward
+            start, t = n - 1, n + spec_k - 2
+            h = torch.cat([dec.hidden.pop(p) for p in range(start, t + 1)], dim=1)
+            pos = torch.arange(start, t + 1, device=h.device)
+            for i in range(d, cfg.n_layer):
+                h = model.blocks[str(i)](h, model.rope(pos), pos)
+            full = model.final_logits(h)[0]  # (k, V): the full model's next token after each position
+            del dec.done[start:]
+            dec.done += [cfg.n_layer] * (t - start + 1)
+            out['drafted'] += spec_k
+            finished = False
+            for j in range(spec_k):
+                want = pick(full[j:j + 1])
+                ok = want == drafts[j]
+                out['accepted'] += ok
+                if emit(want, d if ok else cfg.n_layer, {}):
+                    finished = True
+                    break
+                if not ok:
+                    break
+            del dec.done[len(dec.tokens) - 1:]  # positions past the last committed token are redone
+            if finished:
+                break
+    else:
+        raise ValueError(f"method={method!r}; allowed: 'full', 'recompute', 'speculative'")
+    model.clear_cache()
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the command line
+
+def tokenizer(meta):
+    """(encode, decode) from the checkpoint's data meta: bytes or tiktoken gpt2."""
+    name = (meta.get('data') or {}).get('tokenizer')
+    if name == 'bytes':
+        return (lambda s: list(s.encode('utf-8'))), (lambda ids: bytes(ids).decode('utf-8', errors='replace'))
+    if name == 'gpt2':
+        import tiktoken
+        enc = tiktoken.get_encoding('gpt2')
+        return (lambda s: enc.encode(s, allowed_special={'<|endoftext|>'})), enc.decode
+    return None, None
+
+
+COLOURS = ['\033[41m', '\033[43m', '\033[42m', '\033[46m', '\033[44m', '\033[45m']  # by exit, then final: none
+
+
+def main(args):
+    cfg = configure(DEFAULTS, args)
+    model, ckpt = load_model(cfg['out_dir'], device=cfg['device'])
+    model.eval()
+    mc = model.config
+    encode, decode = tokenizer(ckpt.meta)
+    if cfg['prompt_ids'] is not None:
+        ids = list(cfg['prompt_ids'])
+    else:
+        text = open(cfg['prompt_file']).read() if cfg['prompt_file'] else cfg['prompt']
+        if encode is None:
+            sys.exit('this checkpoint names no tokenizer: give --prompt_ids=[...]')
+        ids = encode(text)
+    bad = [i for i in ids if not 0 <= i < mc.vocab_size]
+    if not ids or bad:
+        sys.exit(f'prompt ids must be 1 or more ints in 0..{mc.vocab_size - 1}; got {bad or "none"}')
+    index = {L: e for e, L in enumerate(mc.exit_layers)}
+    pick_exits = lambda Ls: None if Ls is None else [index[L] for L in Ls]
+    for L in list(cfg['exit_layers'] or []) + ([cfg['spec_exit']] if cfg['spec_exit'] is not None else []):
+        if L not in index:
+            sys.exit(f'exit layer {L} is not one of the model\'s exit_layers {list(mc.exit_layers)}')
+    if cfg['method'] == 'speculative' and cfg['spec_exit'] is None:
+        sys.exit(f'method=speculative needs --spec_exit=L, one of {list(mc.exit_layers)}')
+    depth_name = {d: f'exit {L}' for L, d in zip(mc.exit_layers, mc.exit_depths)}
+    depth_name[mc.n_layer] = 'final'
+    colour = {d: COLOURS[i % len(COLOURS)] for i, d in enumerate(mc.exit_depths)}
+
+    def show(tok, depth, probs):
+        piece = decode([tok]) if decode else f'{tok} '
+        if cfg['show_exits'] and depth in colour:
+            piece = colour[depth] + piece + '\033[0m'
+        if cfg['print_max_prob']:
+            piece += ' [' + ', '.join(f'{depth_name.get(d, d)}: {p:.3f}' for d, p in probs.items()) + ']\n'
+        print(piece, end='', flush=True)
+
+    if cfg['show_exits']:
+        print('legend: ' + ' '.join(colour[d] + depth_name[d] + '\033[0m' for d in mc.exit_depths) + ' final')
+    print(decode(ids) if decode else ids, end='', flush=True)
+    t0 = time.time()
+    out = generate(model, ids, cfg['max_new_tokens'], cfg['method'], cfg['early_exit_thres'],
+                   pick_exits(cfg['exit_layers']), index.get(cfg['spec_exit']), cfg['spec_k'], cfg['temperature'],
+                   cfg['top_k'], cfg['top_p'], cfg['seed'], (ckpt.meta.get('data') or {}).get('eot_token'), show)
+    dt = time.time() - t0
+    n = len(out['tokens'])
+    depths = out['exit_layers']
+    share = {depth_name[d]: round(depths.count(d) / n, 3) for d in sorted(set(depths))}
+    mean_depth = sum(depths) / n
+    print(f"\n---\n{n} tokens in {dt:.2f} s: {n / dt:.1f} tokens/s; tokens per exit {share}; mean depth "
+          f"{mean_depth:.2f} of {mc.n_layer} blocks (layer-count speedup {mc.n_layer / mean_depth:.2f}x)"
+          + (f"; drafts accepted {out['accepted']}/{out['drafted']}" if out['drafted'] else ''))
+    if cfg['json_out']:
+        print(json.dumps({'tokens': out['tokens'], 'exit_layers': depths, 'text': decode(out['tokens']) if decode
+                          else None, 'tokens_per_s': n / dt, 'accepted': out['accepted'], 'drafted': out['drafted']}))
+    return out
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -1,0 +1,111 @@
+"""Generation against naive references that re-run the whole sequence without a cache."""
+
+import json
+
+import pytest
+import torch
+
+import generate
+import train
+from model import GPT, GPTConfig
+from parallel import GradSync
+
+VARIANTS = [
+    dict(arch='gpt2', exit_layers=(1, 2, 3), exit_block=True, exit_norm=True, exit_untie=True),  # exits with KV
+    dict(arch='llama', n_kv_head=2, exit_layers=(1, 2, 3), exit_mlp=True, exit_norm=True, exit_untie=True),
+]
+
+
+def peaked_model(v, seed=0):
+    """A tiny random model whose heads are confident enough for thresholds to matter."""
+    cfg = GPTConfig(**dict(dict(n_layer=4, n_head=4, n_embd=32, vocab_size=61, block_size=64), **v))
+    model = GPT(cfg, seed=seed).double().eval()
+    with torch.no_grad():
+        for e in model.exits.values():
+            e.out.weight.mul_(25)
+        model.lm_head.weight.mul_(25)
+    return model
+
+
+@torch.no_grad()
+def naive(model, prompt, n, thres=None):
+    """Full forward over the whole sequence at every step; the first exit whose max
+    probability reaches thres emits (argmax), else the final head."""
+    tokens, depths = list(prompt), []
+    for _ in range(n):
+        logits, exits = model(torch.tensor([tokens]), exits=True)
+        tok, depth = int(logits[0, -1].argmax()), model.config.n_layer
+        if thres is not None:
+            for e, d in enumerate(model.config.exit_depths):
+                p = exits[e][0, -1].softmax(-1)
+                if p.max() >= thres:
+                    tok, depth = int(p.argmax()), d
+                    break
+        tokens.append(tok)
+        depths.append(depth)
+    return tokens[len(prompt):], depths
+
+
+PROMPT = [5, 17, 3, 42, 8, 8, 1]
+
+
+@pytest.mark.parametrize('v', VARIANTS, ids=['gpt2-exit_block', 'llama-exit_mlp'])
+def test_cached_greedy_equals_naive(v):
+    model = peaked_model(v)
+    want, _ = naive(model, PROMPT, 20)
+    assert generate.generate(model, PROMPT, 20, 'full')['tokens'] == want
+    out = generate.generate(model, PROMPT, 20, 'recompute', thres=1.01)  # nothing can exit
+    assert out['tokens'] == want and set(out['exit_layers']) == {4}
+
+
+@pytest.mark.parametrize('v', VARIANTS, ids=['gpt2-exit_block', 'llama-exit_mlp'])
+def test_recompute_equals_naive_early_exit(v):
+    model = peaked_model(v)
+    mixed = 0
+    for thres in (0.0, 0.3, 0.6, 0.9):
+        want, want_depths = naive(model, PROMPT, 24, thres)
+        out = generate.generate(model, PROMPT, 24, 'recompute', thres=thres)
+        assert out['tokens'] == want and out['exit_layers'] == want_depths, thres
+        mixed += len(set(want_depths)) > 1
+    assert mixed >= 2  # tokens leave at several depths: deep KV of exited tokens is exercised
+
+
+@pytest.mark.parametrize('v', VARIANTS, ids=['gpt2-exit_block', 'llama-exit_mlp'])
+def test_speculative_equals_full_greedy(v):
+    model = peaked_model(v)
+    want, _ = naive(model, PROMPT, 25)
+    for spec_exit in (0, 2):
+        for k in (1, 3, 5):
+            out = generate.generate(model, PROMPT, 25, 'speculative', spec_exit=spec_exit, spec_k=k)
+            assert out['tokens'] == want, (spec_exit, k)
+            assert 0 <= out['accepted'] <= out['drafted']
+
+
+def test_sampling_is_reproducible_and_respects_top_k():
+    model = peaked_model(VARIANTS[1])
+    a = generate.generate(model, PROMPT, 15, 'full', temperature=1.5, top_k=3, seed=1)['tokens']
+    b = generate.generate(model, PROMPT, 15, 'full', temperature=1.5, top_k=3, seed=1)['tokens']
+    assert a == b
+    logits = torch.tensor([[0.0, 5.0, 4.0, 3.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = {int(generate.sample(logits, 1.0, top_k=2, generator=g)) for _ in range(200)}
+    assert draws == {1, 2}
+    draws = {int(generate.sample(logits, 1.0, top_p=0.5, generator=g)) for _ in range(200)}
+    assert draws == {1}
+
+
+def test_cli_json(tmp_path, capsys):
+    model = peaked_model(dict(arch='llama', exit_layers=(2,), exit_norm=True, exit_untie=True, vocab_size=256))
+    model.float()
+    opt = train.make_optimizer(model, train.DEFAULTS, 'cpu')
+    GradSync(model.parameters(), train.LOCAL)
+    train.save_checkpoint(str(tmp_path), model, opt, {}, 0, 0.0, data={'tokenizer': 'bytes', 'eot_token': None})
+    out = generate.main([f'--out_dir={tmp_path}', '--prompt=def f(x):', '--max_new_tokens=12',
+                         '--early_exit_thres=0.5', '--show_exits', '--print_max_prob', '--json_out'])
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert result['tokens'] == out['tokens'] and len(result['tokens']) == 12
+    assert set(result['exit_layers']) <= {2, 4} and isinstance(result['text'], str) and result['tokens_per_s'] > 0
+    assert any('tokens/s' in line and 'mean depth' in line for line in lines)
+    with pytest.raises(SystemExit, match='exit layer 3 is not one of'):
+        generate.main([f'--out_dir={tmp_path}', '--exit_layers=[3]', '--early_exit_thres=0.5'])
