@@ -4,6 +4,7 @@ Generate from a trained checkpoint, with KV-cached early exit.
     python generate.py --out_dir=out-pystdlib --prompt="def main(" --max_new_tokens=200
     python generate.py --out_dir=out-pystdlib --early_exit_thres=0.8 --show_exits
     python generate.py --out_dir=out-pystdlib --method=speculative --spec_exit=2 --spec_k=4
+    torchrun --nproc_per_node=2 generate.py --out_dir=out-pystdlib --tp=2 --early_exit_thres=0.8
 
 Methods:
 - full: every token runs every layer (static KV cache, one-token decode).
@@ -26,6 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from parallel import ParallelState, all_gather, init_distributed
 from train import configure, load_model
 
 # -----------------------------------------------------------------------------
@@ -47,6 +49,7 @@ spec_k = 4                      # tokens drafted per verification
 show_exits = False              # colour each token by the exit it left from
 print_max_prob = False          # print each token's confidence at every exit it reached
 json_out = False                # end with one JSON line (tokens, exit layers, text, tokens/s)
+tp = 1                          # tensor-parallel ranks (under torchrun)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, list, type(None)))}
@@ -92,6 +95,13 @@ class Decoder:
     def _device(self):
         return next(self.model.parameters()).device
 
+    def full(self, logits):
+        """Logits over the whole vocabulary: under tensor parallelism each rank holds a slice."""
+        ps = self.model.ps
+        if ps.tp > 1:
+            logits = all_gather(logits.contiguous(), logits.dim() - 1, ps.tp_group, ps.tp)
+        return logits[..., :self.cfg.vocab_size]
+
     def step(self, allowed, thres, pick, stop_depth=None):
         """Process the last token, bringing every pending position along; at each allowed
         exit, if max prob >= thres, emit from it. stop_depth: run no deeper (drafting).
@@ -119,8 +129,8 @@ class Decoder:
                 continue  # (an exit that may not fire is never computed)
             has_block = m.exits[str(e)].block is not None
             # an exit with a block keeps a KV cache: run it for every position passing here
-            logits = m.exit_logits(e, h if has_block else h[:, -1:], m.rope(pos if has_block else pos[-1:]),
-                                   pos if has_block else pos[-1:])[:, -1]
+            logits = self.full(m.exit_logits(e, h if has_block else h[:, -1:], m.rope(pos if has_block else pos[-1:]),
+                                             pos if has_block else pos[-1:])[:, -1])
             p_max = logits.float().softmax(-1).max().item()
             probs[i + 1] = p_max
             if p_max >= thres or stop_depth == i + 1:
@@ -129,7 +139,7 @@ class Decoder:
         if stop_depth:
             self._park(h, start, t)
             return None, stop_depth, probs
-        logits = m.final_logits(h[:, -1:])[:, -1]
+        logits = self.full(m.final_logits(h[:, -1:])[:, -1])
         return pick(logits), self.L, probs
 
     def _park(self, h, start, t):
@@ -182,7 +192,7 @@ def generate(model, prompt, max_new_tokens, method='full', thres=None, allowed=N
             pos = torch.arange(start, t + 1, device=h.device)
             for i in range(d, cfg.n_layer):
                 h = model.blocks[str(i)](h, model.rope(pos), pos)
-            full = model.final_logits(h)[0]  # (k, V): the full model's next token after each position
+            full = dec.full(model.final_logits(h))[0]  # (k, V): the full model's next token after each position
             del dec.done[start:]
             dec.done += [cfg.n_layer] * (t - start + 1)
             out['drafted'] += spec_k
@@ -225,8 +235,11 @@ COLOURS = ['\033[41m', '\033[43m', '\033[42m', '\033[46m', '\033[44m', '\033[45m
 
 def main(args):
     cfg = configure(DEFAULTS, args)
-    model, ckpt = load_model(cfg['out_dir'], device=cfg['device'])
+    dev = init_distributed(cfg['device'])
+    ps = ParallelState(cfg['tp'])
+    model, ckpt = load_model(cfg['out_dir'], ps, dev)
     model.eval()
+    say = print if ps.is_main else (lambda *a, **k: None)
     mc = model.config
     encode, decode = tokenizer(ckpt.meta)
     if cfg['prompt_ids'] is not None:
@@ -256,11 +269,11 @@ def main(args):
             piece = colour[depth] + piece + '\033[0m'
         if cfg['print_max_prob']:
             piece += ' [' + ', '.join(f'{depth_name.get(d, d)}: {p:.3f}' for d, p in probs.items()) + ']\n'
-        print(piece, end='', flush=True)
+        say(piece, end='', flush=True)
 
     if cfg['show_exits']:
-        print('legend: ' + ' '.join(colour[d] + depth_name[d] + '\033[0m' for d in mc.exit_depths) + ' final')
-    print(decode(ids) if decode else ids, end='', flush=True)
+        say('legend: ' + ' '.join(colour[d] + depth_name[d] + '\033[0m' for d in mc.exit_depths) + ' final')
+    say(decode(ids) if decode else ids, end='', flush=True)
     t0 = time.time()
     out = generate(model, ids, cfg['max_new_tokens'], cfg['method'], cfg['early_exit_thres'],
                    pick_exits(cfg['exit_layers']), index.get(cfg['spec_exit']), cfg['spec_k'], cfg['temperature'],
@@ -270,14 +283,18 @@ def main(args):
     depths = out['exit_layers']
     share = {depth_name[d]: round(depths.count(d) / n, 3) for d in sorted(set(depths))}
     mean_depth = sum(depths) / n
-    print(f"\n---\n{n} tokens in {dt:.2f} s: {n / dt:.1f} tokens/s; tokens per exit {share}; mean depth "
+    say(f"\n---\n{n} tokens in {dt:.2f} s: {n / dt:.1f} tokens/s; tokens per exit {share}; mean depth "
           f"{mean_depth:.2f} of {mc.n_layer} blocks (layer-count speedup {mc.n_layer / mean_depth:.2f}x)"
           + (f"; drafts accepted {out['accepted']}/{out['drafted']}" if out['drafted'] else ''))
     if cfg['json_out']:
-        print(json.dumps({'tokens': out['tokens'], 'exit_layers': depths, 'text': decode(out['tokens']) if decode
+        say(json.dumps({'tokens': out['tokens'], 'exit_layers': depths, 'text': decode(out['tokens']) if decode
                           else None, 'tokens_per_s': n / dt, 'accepted': out['accepted'], 'drafted': out['drafted']}))
     return out
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -8,7 +8,8 @@ import torch
 import generate
 import train
 from model import GPT, GPTConfig
-from parallel import GradSync
+from parallel import LOCAL, GradSync, ParallelState
+from test_parallel import spawn
 
 VARIANTS = [
     dict(arch='gpt2', exit_layers=(1, 2, 3), exit_block=True, exit_norm=True, exit_untie=True),  # exits with KV
@@ -109,3 +110,23 @@ def test_cli_json(tmp_path, capsys):
     assert any('tokens/s' in line and 'mean depth' in line for line in lines)
     with pytest.raises(SystemExit, match='exit layer 3 is not one of'):
         generate.main([f'--out_dir={tmp_path}', '--exit_layers=[3]', '--early_exit_thres=0.5'])
+
+
+def methods(model):
+    return [generate.generate(model, PROMPT, 16, 'recompute', thres=t)['tokens'] for t in (0.3, 0.6, 2.0)] + \
+           [generate.generate(model, PROMPT, 16, 'speculative', spec_exit=1, spec_k=3)['tokens']]
+
+
+def _tp_decode(path, want):
+    model, _ = train.load_model(path, ParallelState(tp=2))
+    assert methods(model.double().eval()) == want
+
+
+def test_tensor_parallel_decode_matches_one_process(tmp_path):
+    model = peaked_model(dict(VARIANTS[1], vocab_size=63))  # odd vocabulary: padded under tp2
+    opt = train.make_optimizer(model, train.DEFAULTS, 'cpu')
+    train.save_checkpoint(str(tmp_path), model, opt, {}, 0, 0.0)
+    one, _ = train.load_model(str(tmp_path), LOCAL)
+    want = methods(one.double().eval())
+    assert len({tuple(w) for w in want}) > 1  # the thresholds make a difference
+    spawn(_tp_decode, 2, str(tmp_path), want)
