@@ -5,6 +5,7 @@ Generate from a trained checkpoint, with KV-cached early exit.
     python generate.py --out_dir=out-pystdlib --early_exit_thres=0.8 --show_exits
     python generate.py --out_dir=out-pystdlib --method=speculative --spec_exit=2 --spec_k=4
     torchrun --nproc_per_node=2 generate.py --out_dir=out-pystdlib --tp=2 --early_exit_thres=0.8
+    python generate.py --out_dir=out-pystdlib --serve --port=5000     # PUT /api, EE-LLM's fields
 
 Methods:
 - full: every token runs every layer (static KV cache, one-token decode).
@@ -15,11 +16,11 @@ Methods:
   forward, so the deep KV is exactly what a full forward would produce.
 - speculative (self-speculative decoding, LayerSkip, arXiv 2404.16710): draft spec_k tokens
   with the exit spec_exit, then verify them with the remaining layers in one forward that
-  reuses the draft's KV of the shared layers; the output is exactly the full model's
-  (greedy).
+  reuses the draft's KV of the shared layers. Greedy output is exactly the full model's;
+  with sampling, the accept/reject rule keeps the full model's distribution.
 """
 
-import json
+import json as _json  # (json is a key below)
 import os
 import sys
 import time
@@ -48,17 +49,17 @@ spec_exit = None                # the exit_layers number of the drafting exit
 spec_k = 4                      # tokens drafted per verification
 show_exits = False              # colour each token by the exit it left from
 print_max_prob = False          # print each token's confidence at every exit it reached
-json_out = False                # end with one JSON line (tokens, exit layers, text, tokens/s)
+json = False                    # end with one JSON line (tokens, exit layers, text, tokens/s)
 tp = 1                          # tensor-parallel ranks (under torchrun)
+serve = False                   # answer PUT /api (EE-LLM's request fields) instead of one prompt
+port = 5000
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, list, type(None)))}
 
 
-def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
-    """Next token from logits (B, V): greedy at temperature 0, else temperature, top-k, top-p."""
-    if temperature == 0:
-        return logits.argmax(-1)
+def distribution(logits, temperature, top_k=None, top_p=None):
+    """The sampling distribution (B, V) of logits (B, V): temperature, then top-k, then top-p."""
     logits = logits.float() / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
@@ -67,7 +68,14 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
         probs, order = logits.softmax(-1).sort(-1, descending=True)
         drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix with mass >= top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float('-inf'))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+    return logits.softmax(-1)
+
+
+def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """Next token from logits (B, V): greedy at temperature 0, else from distribution()."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial(distribution(logits, temperature, top_k, top_p), 1, generator=generator)[:, 0]
 
 
 class Decoder:
@@ -105,7 +113,7 @@ class Decoder:
     def step(self, allowed, thres, pick, stop_depth=None):
         """Process the last token, bringing every pending position along; at each allowed
         exit, if max prob >= thres, emit from it. stop_depth: run no deeper (drafting).
-        Returns (token, depth it left at, {depth: max prob})."""
+        Returns (token, depth it left at, {depth: max prob}, the logits it came from)."""
         m, t = self.model, len(self.tokens) - 1
         dev = self._device()
         x, _ = m.embed(torch.tensor([[self.tokens[t]]], device=dev), torch.tensor([t], device=dev))
@@ -135,12 +143,12 @@ class Decoder:
             probs[i + 1] = p_max
             if p_max >= thres or stop_depth == i + 1:
                 self._park(h, start, t)
-                return pick(logits), i + 1, probs
+                return pick(logits), i + 1, probs, logits
         if stop_depth:
             self._park(h, start, t)
-            return None, stop_depth, probs
+            return None, stop_depth, probs, None
         logits = self.full(m.final_logits(h[:, -1:])[:, -1])
-        return pick(logits), self.L, probs
+        return pick(logits), self.L, probs, logits
 
     def _park(self, h, start, t):
         for p in range(start, t + 1):
@@ -151,20 +159,22 @@ class Decoder:
 def generate(model, prompt, max_new_tokens, method='full', thres=None, allowed=None, spec_exit=None, spec_k=4,
              temperature=0.0, top_k=None, top_p=None, seed=None, stop=None, on_token=None):
     """Returns {'tokens', 'exit_layers' (depth each token left at; n_layer = final head),
-    'max_probs', 'accepted' (speculative: drafted tokens accepted / drafted)}."""
+    'max_probs' ({depth: max prob} per token), 'logprobs' (of each token under the head that
+    chose it), 'accepted', 'drafted' (speculative)}."""
     cfg = model.config
     allowed = set(range(len(cfg.exit_layers))) if allowed is None else set(allowed)
     gen = torch.Generator(next(model.parameters()).device).manual_seed(seed) if seed is not None else None
     pick = lambda logits: int(sample(logits, temperature, top_k, top_p, gen)[0])
     dec = Decoder(model, prompt, len(prompt) + max_new_tokens + spec_k + 1)
     dec.prefill()
-    out = {'tokens': [], 'exit_layers': [], 'max_probs': [], 'drafted': 0, 'accepted': 0}
+    out = {'tokens': [], 'exit_layers': [], 'max_probs': [], 'logprobs': [], 'drafted': 0, 'accepted': 0}
 
-    def emit(tok, depth, probs):
+    def emit(tok, depth, probs, logits):
         dec.tokens.append(tok)
         out['tokens'].append(tok)
         out['exit_layers'].append(depth)
         out['max_probs'].append(probs)
+        out['logprobs'].append(float(logits.float().log_softmax(-1)[0, tok]))
         if on_token:
             on_token(tok, depth, probs)
         return len(out['tokens']) >= max_new_tokens or tok == stop
@@ -175,15 +185,15 @@ def generate(model, prompt, max_new_tokens, method='full', thres=None, allowed=N
             if emit(*dec.step(allowed if thres != float('inf') else set(), thres, pick)):
                 break
     elif method == 'speculative':
-        if temperature != 0:
-            raise ValueError('method=speculative is greedy here: use temperature=0')
         d = cfg.exit_depths[spec_exit]
+        dist = lambda logits: distribution(logits, temperature, top_k, top_p)[0]
         while True:
             n = len(dec.tokens)
-            drafts = []
+            drafts, qs = [], []
             for _ in range(spec_k):  # draft with the exit (layers < d, the shared KV)
-                tok, _, _ = dec.step(set(), float('inf'), pick, stop_depth=d)
+                tok, _, _, logits = dec.step(set(), float('inf'), pick, stop_depth=d)
                 drafts.append(tok)
+                qs.append(dist(logits) if temperature else None)
                 dec.tokens.append(tok)
             del dec.tokens[n:]
             # verify: the remaining layers for the k drafted positions in one forward
@@ -198,10 +208,16 @@ def generate(model, prompt, max_new_tokens, method='full', thres=None, allowed=N
             out['drafted'] += spec_k
             finished = False
             for j in range(spec_k):
-                want = pick(full[j:j + 1])
-                ok = want == drafts[j]
+                if temperature == 0:  # greedy: keep the draft while it is the full model's argmax
+                    want = pick(full[j:j + 1])
+                    ok = want == drafts[j]
+                else:  # accept with prob min(1, p/q), else draw from max(0, p - q) (Leviathan et al. 2023)
+                    p, q, x = dist(full[j:j + 1]), qs[j], drafts[j]
+                    ok = bool(torch.rand(1, generator=gen, device=p.device) * q[x] < p[x])
+                    rest = (p - q).clamp(min=0)
+                    want = x if ok else int(torch.multinomial(rest / rest.sum(), 1, generator=gen))
                 out['accepted'] += ok
-                if emit(want, d if ok else cfg.n_layer, {}):
+                if emit(want, d if ok else cfg.n_layer, {}, full[j:j + 1]):
                     finished = True
                     break
                 if not ok:
@@ -230,6 +246,103 @@ def tokenizer(meta):
     return None, None
 
 
+# -----------------------------------------------------------------------------
+# the server: EE-LLM's (Megatron's) text-generation API, PUT /api
+
+MAX_REQUEST_BYTES = 1 << 20
+MAX_PROMPTS = 16
+FIELDS = {  # name: (types, check, what is allowed)
+    'prompts': (list, lambda v: 0 < len(v) <= MAX_PROMPTS and all(isinstance(p, str) and p for p in v),
+                f'a list of 1..{MAX_PROMPTS} non-empty strings'),
+    'tokens_to_generate': (int, lambda v: 0 <= v <= 4096, 'an int in 0..4096'),
+    'temperature': ((int, float), lambda v: 0 <= v <= 100, 'a number in 0..100 (0: greedy)'),
+    'top_k': (int, lambda v: v >= 0, 'an int >= 0 (0: off)'),
+    'top_p': ((int, float), lambda v: 0 <= v <= 1, 'a number in 0..1 (0: off)'),
+    'random_seed': (int, lambda v: v >= 0, 'an int >= 0'),
+    'logprobs': (bool, lambda v: True, 'true or false'),
+    'use_early_exit': (bool, lambda v: True, 'true or false'),
+    'early_exit_thres': ((int, float), lambda v: 0 <= v, 'a number >= 0'),
+    'exit_layers': (list, lambda v: all(isinstance(L, int) and not isinstance(L, bool) for L in v),
+                    "a list of the model's exit layers"),
+    'print_max_prob': (bool, lambda v: True, 'true or false'),
+}
+
+
+def api_request(model, encode, decode, body, eot=None):
+    """One /api request (raw bytes) -> (HTTP status, response dict). Bad input is a 400
+    whose message names the field and what is allowed."""
+    try:
+        req = _json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        return 400, {'error': f'the body is not JSON: {e}'}
+    if not isinstance(req, dict):
+        return 400, {'error': 'the body must be a JSON object'}
+    unknown = sorted(set(req) - set(FIELDS))
+    if unknown:
+        return 400, {'error': f'unknown field(s) {unknown}; allowed: {sorted(FIELDS)}'}
+    if 'prompts' not in req:
+        return 400, {'error': 'prompts is required'}
+    for k, v in req.items():
+        types, ok, allowed = FIELDS[k]
+        if isinstance(v, bool) and types is not bool or not isinstance(v, types) or not ok(v):
+            return 400, {'error': f'{k}={_json.dumps(v)[:100]} is not allowed: {k} must be {allowed}'}
+    cfg = model.config
+    index = {L: e for e, L in enumerate(cfg.exit_layers)}
+    bad = [L for L in req.get('exit_layers', []) if L not in index]
+    if bad:
+        return 400, {'error': f'exit_layers={bad} are not exits of this model; allowed: {list(cfg.exit_layers)}'}
+    n = req.get('tokens_to_generate', 64)
+    texts, segments, logprobs, max_probs = [], [], [], []
+    for prompt in req['prompts']:
+        ids = encode(prompt)
+        if len(ids) + n > cfg.block_size:
+            return 400, {'error': f'prompts: a prompt of {len(ids)} tokens + tokens_to_generate={n} exceeds '
+                                  f'the model\'s block_size={cfg.block_size}'}
+        top_k = req.get('top_k', 0)
+        out = generate(model, ids, n, 'recompute', req.get('early_exit_thres', 1.0) if req.get('use_early_exit')
+                       else None, [index[L] for L in req['exit_layers']] if 'exit_layers' in req else None,
+                       temperature=0.0 if top_k == 1 else req.get('temperature', 0.0), top_k=top_k or None,
+                       top_p=req.get('top_p') or None, seed=req.get('random_seed'), stop=eot) if n else \
+            {'tokens': [], 'logprobs': [], 'max_probs': []}
+        texts.append(decode(ids + out['tokens']))
+        segments.append([decode([t]) for t in ids + out['tokens']])
+        logprobs.append(out['logprobs'])
+        max_probs.append([{str(d): p for d, p in probs.items()} for probs in out['max_probs']])
+    resp = {'text': texts, 'segments': segments, 'logprobs': logprobs if req.get('logprobs') else None}
+    if req.get('print_max_prob'):
+        resp['max_probs'] = max_probs
+    return 200, resp
+
+
+def make_server(model, encode, decode, port, eot=None):
+    """A one-request-at-a-time HTTP server (the model and its cache are not shared)."""
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_PUT(self):
+            if self.path != '/api':
+                return self.reply(404, {'error': f'no such path {self.path}; use PUT /api'})
+            size = int(self.headers.get('Content-Length') or 0)
+            if size > MAX_REQUEST_BYTES:
+                return self.reply(400, {'error': f'the request has {size} bytes; at most {MAX_REQUEST_BYTES}'})
+            try:
+                self.reply(*api_request(model, encode, decode, self.rfile.read(size), eot))
+            except Exception as e:  # keep serving whatever one request does
+                self.reply(500, {'error': f'{type(e).__name__}: {e}'})
+
+        def reply(self, status, obj):
+            data = _json.dumps(obj).encode()
+            self.send_response(status)
+            self.send_header('Content-Type', 'application/json')
+            self.send_header('Content-Length', str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = HTTPServer(('', port), Handler)
+    print(f'serving PUT http://localhost:{server.server_port}/api')
+    return server
+
+
 COLOURS = ['\033[41m', '\033[43m', '\033[42m', '\033[46m', '\033[44m', '\033[45m']  # by exit, then final: none
 
 
@@ -252,6 +365,11 @@ def main(args):
     bad = [i for i in ids if not 0 <= i < mc.vocab_size]
     if not ids or bad:
         sys.exit(f'prompt ids must be 1 or more ints in 0..{mc.vocab_size - 1}; got {bad or "none"}')
+    eot = (ckpt.meta.get('data') or {}).get('eot_token')
+    if cfg['serve']:
+        if encode is None or ps.world > 1:
+            sys.exit('serve needs a checkpoint with a tokenizer, in one process')
+        make_server(model, encode, decode, cfg['port'], eot).serve_forever()
     index = {L: e for e, L in enumerate(mc.exit_layers)}
     pick_exits = lambda Ls: None if Ls is None else [index[L] for L in Ls]
     for L in list(cfg['exit_layers'] or []) + ([cfg['spec_exit']] if cfg['spec_exit'] is not None else []):
@@ -277,7 +395,7 @@ def main(args):
     t0 = time.time()
     out = generate(model, ids, cfg['max_new_tokens'], cfg['method'], cfg['early_exit_thres'],
                    pick_exits(cfg['exit_layers']), index.get(cfg['spec_exit']), cfg['spec_k'], cfg['temperature'],
-                   cfg['top_k'], cfg['top_p'], cfg['seed'], (ckpt.meta.get('data') or {}).get('eot_token'), show)
+                   cfg['top_k'], cfg['top_p'], cfg['seed'], eot, show)
     dt = time.time() - t0
     n = len(out['tokens'])
     depths = out['exit_layers']
@@ -286,8 +404,8 @@ def main(args):
     say(f"\n---\n{n} tokens in {dt:.2f} s: {n / dt:.1f} tokens/s; tokens per exit {share}; mean depth "
           f"{mean_depth:.2f} of {mc.n_layer} blocks (layer-count speedup {mc.n_layer / mean_depth:.2f}x)"
           + (f"; drafts accepted {out['accepted']}/{out['drafted']}" if out['drafted'] else ''))
-    if cfg['json_out']:
-        say(json.dumps({'tokens': out['tokens'], 'exit_layers': depths, 'text': decode(out['tokens']) if decode
+    if cfg['json']:
+        say(_json.dumps({'tokens': out['tokens'], 'exit_layers': depths, 'text': decode(out['tokens']) if decode
                           else None, 'tokens_per_s': n / dt, 'accepted': out['accepted'], 'drafted': out['drafted']}))
     return out
 

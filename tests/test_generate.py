@@ -102,7 +102,7 @@ def test_cli_json(tmp_path, capsys):
     GradSync(model.parameters(), train.LOCAL)
     train.save_checkpoint(str(tmp_path), model, opt, {}, 0, 0.0, data={'tokenizer': 'bytes', 'eot_token': None})
     out = generate.main([f'--out_dir={tmp_path}', '--prompt=def f(x):', '--max_new_tokens=12',
-                         '--early_exit_thres=0.5', '--show_exits', '--print_max_prob', '--json_out'])
+                         '--early_exit_thres=0.5', '--show_exits', '--print_max_prob', '--json'])
     lines = capsys.readouterr().out.strip().splitlines()
     result = json.loads(lines[-1])
     assert result['tokens'] == out['tokens'] and len(result['tokens']) == 12
@@ -130,3 +130,59 @@ def test_tensor_parallel_decode_matches_one_process(tmp_path):
     want = methods(one.double().eval())
     assert len({tuple(w) for w in want}) > 1  # the thresholds make a difference
     spawn(_tp_decode, 2, str(tmp_path), want)
+
+
+def test_server_round_trip_and_bad_requests(tmp_path):
+    import http.client
+    import threading
+    model = peaked_model(dict(arch='llama', exit_layers=(2,), exit_norm=True, exit_untie=True, vocab_size=256))
+    encode, decode = generate.tokenizer({'data': {'tokenizer': 'bytes'}})
+    server = generate.make_server(model, encode, decode, 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def put(body, size=None):
+        conn = http.client.HTTPConnection('localhost', server.server_port, timeout=60)
+        body = body if isinstance(body, bytes) else json.dumps(body).encode()
+        conn.request('PUT', '/api', body=body, headers={'Content-Length': str(size or len(body))})
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+
+    ok = {'prompts': ['def f(', 'x = '], 'tokens_to_generate': 6, 'logprobs': True, 'use_early_exit': True,
+          'early_exit_thres': 0.5, 'exit_layers': [2], 'print_max_prob': True, 'top_k': 1}
+    status, resp = put(ok)
+    assert status == 200, resp
+    assert len(resp['text']) == 2 and resp['text'][0].startswith('def f(') and len(resp['logprobs'][1]) == 6
+    assert len(resp['segments'][0]) == len('def f(') + 6 and all(lp <= 0 for lp in resp['logprobs'][0])
+    assert len(resp['max_probs'][1]) == 6
+    want = generate.generate(model, encode('def f('), 6, 'recompute', 0.5)['tokens']
+    assert resp['text'][0] == decode(encode('def f(') + want)  # the same tokens as the library call
+    for body, field in [(b'{not json', 'not JSON'), ({'tokens_to_generate': 3}, 'prompts is required'),
+                        ({'prompts': 'abc'}, 'prompts='), ({'prompts': ['a'], 'temperature': -1}, 'temperature='),
+                        ({'prompts': ['a'], 'tokens_to_generate': 'ten'}, 'tokens_to_generate='),
+                        ({'prompts': ['a'], 'top_p': 2}, 'top_p='), ({'prompts': ['a'], 'exit_layers': [3]}, 'exit_layers'),
+                        ({'prompts': ['a'], 'logprobs': 1}, 'logprobs='), ({'prompts': ['a'], 'colour': 1}, 'unknown'),
+                        ({'prompts': ['a'], 'tokens_to_generate': 4000}, 'block_size')]:
+        status, resp = put(body)
+        assert status == 400 and field in resp['error'], (body[:40], resp)
+    status, resp = put(b'{}', size=generate.MAX_REQUEST_BYTES + 1)  # announced as too large: not even read
+    assert status == 400 and 'at most' in resp['error']
+    assert put(ok)[0] == 200  # still serving
+    server.shutdown()
+
+
+def test_speculative_sampling_keeps_the_full_distribution():
+    """The first sampled token's empirical distribution over many seeds, speculative vs the
+    full model's exact next-token distribution (a small vocabulary, deterministic seeds)."""
+    model = peaked_model(dict(arch='llama', exit_layers=(1,), exit_norm=True, exit_untie=True, vocab_size=6))
+    with torch.no_grad():
+        model.lm_head.weight.div_(10)  # softer than the exit: drafts get rejected sometimes
+        p = generate.distribution(model(torch.tensor([PROMPT[:3]]) % 6)[0][:, -1], 1.0)[0]
+    counts, n = torch.zeros(6), 1500
+    accepted = 0
+    for s in range(n):
+        out = generate.generate(model, [t % 6 for t in PROMPT[:3]], 1, 'speculative', spec_exit=0, spec_k=2,
+                                temperature=1.0, seed=s)
+        counts[out['tokens'][0]] += 1
+        accepted += out['accepted']
+    assert 0 < accepted < n  # both branches of the rule ran
+    assert (counts / n - p.float()).abs().sum() < 0.06  # total variation ~ 0.03 expected at n = 1500
