@@ -5,6 +5,7 @@ Generate from a trained checkpoint, with KV-cached early exit.
     python generate.py --out_dir=out-pystdlib --early_exit_thres=0.8 --show_exits
     python generate.py --out_dir=out-pystdlib --method=speculative --spec_exit=2 --spec_k=4
     torchrun --nproc_per_node=2 generate.py --out_dir=out-pystdlib --tp=2 --early_exit_thres=0.8
+    torchrun --nproc_per_node=2 generate.py --out_dir=out-pystdlib --pp=2 --method=pipeline --early_exit_thres=0.8
     python generate.py --out_dir=out-pystdlib --serve --port=5000     # PUT /api, EE-LLM's fields
 
 Methods:
@@ -14,6 +15,9 @@ Methods:
   is emitted from it and the deeper layers are skipped. Those layers then lack KV for it;
   the next token that goes deeper first runs them for all such pending tokens in the same
   forward, so the deep KV is exactly what a full forward would produce.
+- pipeline (EE-LLM's pipeline-based inference, pp > 1 under torchrun): the stage whose
+  exit fires sends the token to stage 0 at once; stage 0 starts the next token while later
+  stages finish this one's deep layers, so their KV stays complete.
 - speculative (self-speculative decoding, LayerSkip, arXiv 2404.16710): draft spec_k tokens
   with the exit spec_exit, then verify them with the remaining layers in one forward that
   reuses the draft's KV of the shared layers. Greedy output is exactly the full model's;
@@ -21,12 +25,11 @@ Methods:
 """
 
 import json as _json  # (json is a key below)
-import os
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 
 from parallel import ParallelState, all_gather, init_distributed
 from train import configure, load_model
@@ -42,7 +45,7 @@ temperature = 0.0               # 0: greedy
 top_k = None
 top_p = None
 seed = 1337
-method = 'recompute'            # 'full', 'recompute' or 'speculative'
+method = 'recompute'            # 'full', 'recompute', 'speculative' or 'pipeline' (with pp > 1)
 early_exit_thres = None         # None: no early exit (recompute runs the full model)
 exit_layers = None              # exits allowed to fire (their exit_layers numbers); None: all
 spec_exit = None                # the exit_layers number of the drafting exit
@@ -51,6 +54,7 @@ show_exits = False              # colour each token by the exit it left from
 print_max_prob = False          # print each token's confidence at every exit it reached
 json = False                    # end with one JSON line (tokens, exit layers, text, tokens/s)
 tp = 1                          # tensor-parallel ranks (under torchrun)
+pp = 1                          # pipeline stages (under torchrun; method='pipeline')
 serve = False                   # answer PUT /api (EE-LLM's request fields) instead of one prompt
 port = 5000
 # -----------------------------------------------------------------------------
@@ -231,6 +235,107 @@ def generate(model, prompt, max_new_tokens, method='full', thres=None, allowed=N
     return out
 
 
+@torch.no_grad()
+def generate_pipelined(model, prompt, max_new_tokens, thres=None, allowed=None, ps=None, temperature=0.0,
+                       top_k=None, top_p=None, seed=None, stop=None):
+    """EE-LLM's pipeline-based early-exit inference, every rank of a pp group calling it with
+    its stage. Every token runs through every stage, so the deep KV is always complete; but
+    the stage whose exit fires sends the token to stage 0 at once, and stage 0 starts the
+    next token while the later stages finish this one. Stage 0 returns {'tokens',
+    'exit_layers'} as generate() does; the other stages return None."""
+    cfg, s, P = model.config, ps.pp_rank, ps.pp
+    dev, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    allowed = set(range(len(cfg.exit_layers))) if allowed is None else set(allowed)
+    thres = float('inf') if thres is None else thres
+    gen = torch.Generator(dev).manual_seed(seed) if seed is not None else None
+    pick = lambda logits: int(sample(logits, temperature, top_k, top_p, gen)[0])
+    model.setup_cache(1, len(prompt) + max_new_tokens + 1, dtype=dtype)
+    sends = []
+    send = lambda t, stage: sends.append(dist.isend(t.contiguous(), ps.stage_rank(stage)))
+
+    def recv(shape, dtype, stage):
+        buf = torch.empty(shape, dtype=dtype, device=dev)
+        dist.recv(buf, ps.stage_rank(stage))
+        return buf
+
+    def run(h, pos, decided):
+        """This stage's blocks; exits that keep KV (a block) always run, the others only to decide."""
+        rope = model.rope(pos)
+        choice = None
+        for i, block in model.blocks.items():
+            h = block(h, rope, pos)
+            for e in model.exits_after.get(int(i), ()):
+                fires = not decided and choice is None and e in allowed
+                if model.exits[str(e)].block is not None or fires:
+                    logits = model.exit_logits(e, h, rope, pos)[:, -1]
+                    if fires and logits.float().softmax(-1).max().item() >= thres:
+                        choice = (pick(logits), int(i) + 1, logits)
+        return h, choice
+
+    n0, C = len(prompt) - 1, cfg.n_embd
+    if n0 > 0:  # prefill
+        pos = torch.arange(n0, device=dev)
+        h = model.embed(torch.tensor([prompt[:-1]], device=dev), pos)[0] if model.first else recv((1, n0, C), dtype, s - 1)
+        h, _ = run(h, pos, decided=True)
+        if not model.last:
+            send(h, s + 1)
+    tokens, out = list(prompt), {'tokens': [], 'exit_layers': [], 'drafted': 0, 'accepted': 0}
+    read = [0] * P  # stage 0: decision messages read from each stage
+    steps = 0
+    while True:
+        t = n0 + steps
+        pos = torch.tensor([t], device=dev)
+        if model.first:
+            info = torch.tensor([0, -1, 0, 0], device=dev)  # decided, token, depth, stop
+            h = model.embed(torch.tensor([[tokens[t]]], device=dev), pos)[0]
+        else:
+            info = recv((4,), torch.long, s - 1)
+            if info[3]:  # stop: pass it on
+                if not model.last:
+                    send(info, s + 1)
+                break
+            h = recv((1, 1, C), dtype, s - 1)
+        h, choice = run(h, pos, decided=bool(info[0]))
+        if choice is None and model.last and not info[0]:
+            logits = model.final_logits(h)[:, -1]
+            choice = (pick(logits), cfg.n_layer, logits)
+        if choice is not None:
+            info = torch.tensor([1, choice[0], choice[1], 0], device=dev)
+        if not model.last:
+            send(info, s + 1)
+            send(h, s + 1)
+        if not model.first:  # every stage reports each token to stage 0: decided here or not
+            send(torch.tensor([int(choice is not None), choice[0] if choice else -1,
+                               choice[1] if choice else 0], device=dev), 0)
+        steps += 1
+        if not model.first:
+            continue
+        if choice is None:  # wait for the stage that decides (stages after it are still working)
+            for q in range(1, P):
+                while read[q] < steps:
+                    msg = recv((3,), torch.long, q)
+                    read[q] += 1
+                if msg[0]:
+                    choice = (int(msg[1]), int(msg[2]), None)
+                    break
+        tok, depth, _ = choice
+        tokens.append(tok)
+        out['tokens'].append(tok)
+        out['exit_layers'].append(depth)
+        if len(out['tokens']) >= max_new_tokens or tok == stop:
+            if P > 1:
+                send(torch.tensor([0, -1, 0, 1], device=dev), 1)
+            for q in range(1, P):  # the reports not needed yet
+                while read[q] < steps:
+                    recv((3,), torch.long, q)
+                    read[q] += 1
+            break
+    for w in sends:
+        w.wait()
+    model.clear_cache()
+    return out if model.first else None
+
+
 # -----------------------------------------------------------------------------
 # the command line
 
@@ -349,7 +454,10 @@ COLOURS = ['\033[41m', '\033[43m', '\033[42m', '\033[46m', '\033[44m', '\033[45m
 def main(args):
     cfg = configure(DEFAULTS, args)
     dev = init_distributed(cfg['device'])
-    ps = ParallelState(cfg['tp'])
+    ps = ParallelState(cfg['tp'], cfg['pp'])
+    if (ps.pp > 1) != (cfg['method'] == 'pipeline'):
+        sys.exit(f"method=pipeline runs with pp > 1 (under torchrun) and pp > 1 only with it; got "
+                 f"method={cfg['method']!r}, pp={ps.pp}")
     model, ckpt = load_model(cfg['out_dir'], ps, dev)
     model.eval()
     say = print if ps.is_main else (lambda *a, **k: None)
@@ -393,9 +501,18 @@ def main(args):
         say('legend: ' + ' '.join(colour[d] + depth_name[d] + '\033[0m' for d in mc.exit_depths) + ' final')
     say(decode(ids) if decode else ids, end='', flush=True)
     t0 = time.time()
-    out = generate(model, ids, cfg['max_new_tokens'], cfg['method'], cfg['early_exit_thres'],
-                   pick_exits(cfg['exit_layers']), index.get(cfg['spec_exit']), cfg['spec_k'], cfg['temperature'],
-                   cfg['top_k'], cfg['top_p'], cfg['seed'], eot, show)
+    if cfg['method'] == 'pipeline':  # tokens are printed at the end, by stage 0
+        out = generate_pipelined(model, ids, cfg['max_new_tokens'], cfg['early_exit_thres'],
+                                 pick_exits(cfg['exit_layers']), ps, cfg['temperature'], cfg['top_k'], cfg['top_p'],
+                                 cfg['seed'], eot)
+        if out is None:
+            return None
+        for tok, depth in zip(out['tokens'], out['exit_layers']):
+            show(tok, depth, {})
+    else:
+        out = generate(model, ids, cfg['max_new_tokens'], cfg['method'], cfg['early_exit_thres'],
+                       pick_exits(cfg['exit_layers']), index.get(cfg['spec_exit']), cfg['spec_k'], cfg['temperature'],
+                       cfg['top_k'], cfg['top_p'], cfg['seed'], eot, show)
     dt = time.time() - t0
     n = len(out['tokens'])
     depths = out['exit_layers']

@@ -327,8 +327,8 @@ class GPT(nn.Module):
     def setup_cache(self, batch_size, max_len, dtype=None, device=None):
         """Pre-allocate a static KV cache of max_len positions in every attention layer."""
         assert max_len <= self.config.block_size, f'max_len={max_len} > block_size={self.config.block_size}'
-        dtype = dtype or self.wte.weight.dtype
-        device = device or self.wte.weight.device
+        dtype = dtype or next(self.parameters()).dtype
+        device = device or next(self.parameters()).device
         for m in self.modules():
             if isinstance(m, Attention):
                 shape = (batch_size, m.n_kv_head, max_len, m.head_dim)

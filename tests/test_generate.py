@@ -9,7 +9,11 @@ import generate
 import train
 from model import GPT, GPTConfig
 from parallel import LOCAL, GradSync, ParallelState
-from test_parallel import spawn
+import os
+import subprocess
+import sys
+
+from test_parallel import ROOT, spawn, torchrun
 
 VARIANTS = [
     dict(arch='gpt2', exit_layers=(1, 2, 3), exit_block=True, exit_norm=True, exit_untie=True),  # exits with KV
@@ -186,3 +190,46 @@ def test_speculative_sampling_keeps_the_full_distribution():
         accepted += out['accepted']
     assert 0 < accepted < n  # both branches of the rule ran
     assert (counts / n - p.float()).abs().sum() < 0.06  # total variation ~ 0.03 expected at n = 1500
+
+
+def _pipelined(path, pp, want):
+    ps = ParallelState(pp=pp)
+    model, _ = train.load_model(path, ps)
+    model.double().eval()
+    for (thres, tokens, depths) in want:
+        out = generate.generate_pipelined(model, PROMPT, 16, thres, ps=ps)
+        if ps.pp_rank == 0:
+            assert out['tokens'] == tokens and out['exit_layers'] == depths, thres
+        else:
+            assert out is None
+
+
+@pytest.mark.parametrize('pp', [2, 3])
+def test_pipeline_based_equals_recompute(tmp_path, pp):
+    v = dict(arch='gpt2', n_layer=6, exit_layers=(2, 3, 5), exit_block=True, exit_norm=True, exit_untie=True)
+    model = peaked_model(v)
+    train.save_checkpoint(str(tmp_path), model, train.make_optimizer(model, train.DEFAULTS, 'cpu'), {}, 0, 0.0)
+    one, _ = train.load_model(str(tmp_path))
+    one.double().eval()
+    want = []
+    for thres in (None, 0.3, 0.6):
+        out = generate.generate(one, PROMPT, 16, 'recompute', thres=thres)
+        want.append((thres, out['tokens'], out['exit_layers']))
+    assert len(set(want[1][2])) > 1  # exits at several depths
+    spawn(_pipelined, pp, str(tmp_path), pp, want)
+
+
+def test_cli_under_torchrun_tp_and_pipeline(tmp_path):
+    v = dict(arch='llama', n_layer=4, n_kv_head=2, exit_layers=(1, 2), exit_norm=True, exit_untie=True, vocab_size=256)
+    model = peaked_model(v).float()
+    train.save_checkpoint(str(tmp_path), model, train.make_optimizer(model, train.DEFAULTS, 'cpu'), {}, 0, 0.0,
+                          data={'tokenizer': 'bytes', 'eot_token': None})
+    args = [f'--out_dir={tmp_path}', '--prompt=import os', '--max_new_tokens=10', '--early_exit_thres=0.4', '--json']
+    one = subprocess.run([sys.executable, 'generate.py'] + args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    want = json.loads(one.stdout.strip().splitlines()[-1])
+    for extra in (['--tp=2'], ['--pp=2', '--method=pipeline']):
+        got = torchrun(2, args + extra, ROOT, 'generate.py')
+        assert got.returncode == 0, got.stderr[-2000:]
+        got = json.loads(got.stdout.strip().splitlines()[-1])
+        assert got['tokens'] == want['tokens'] and got['exit_layers'] == want['exit_layers'], extra

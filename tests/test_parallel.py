@@ -225,8 +225,8 @@ def test_bad_layouts_fail_clearly():
 
 # -- train.py under torchrun ------------------------------------------------------------
 
-def torchrun(n, args, cwd):
-    cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={n}', '--standalone', 'train.py']
+def torchrun(n, args, cwd, script='train.py'):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={n}', '--standalone', script]
     return subprocess.run(cmd + args, cwd=cwd, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS='1'))
 
