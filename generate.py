@@ -169,7 +169,12 @@ def generate(model, prompt, max_new_tokens, method='full', thres=None, allowed=N
     allowed = set(range(len(cfg.exit_layers))) if allowed is None else set(allowed)
     gen = torch.Generator(next(model.parameters()).device).manual_seed(seed) if seed is not None else None
     pick = lambda logits: int(sample(logits, temperature, top_k, top_p, gen)[0])
-    dec = Decoder(model, prompt, len(prompt) + max_new_tokens + spec_k + 1)
+    max_len = len(prompt) + max_new_tokens + (spec_k if method == 'speculative' else 0)
+    if max_len > cfg.block_size:
+        raise ValueError(f'{len(prompt)} prompt tokens + max_new_tokens={max_new_tokens}'
+                         + (f' + spec_k={spec_k}' if method == 'speculative' else '')
+                         + f' exceed the block_size={cfg.block_size} the model was trained for')
+    dec = Decoder(model, prompt, max_len)
     dec.prefill()
     out = {'tokens': [], 'exit_layers': [], 'max_probs': [], 'logprobs': [], 'drafted': 0, 'accepted': 0}
 
@@ -249,7 +254,10 @@ def generate_pipelined(model, prompt, max_new_tokens, thres=None, allowed=None, 
     thres = float('inf') if thres is None else thres
     gen = torch.Generator(dev).manual_seed(seed) if seed is not None else None
     pick = lambda logits: int(sample(logits, temperature, top_k, top_p, gen)[0])
-    model.setup_cache(1, len(prompt) + max_new_tokens + 1, dtype=dtype)
+    if len(prompt) + max_new_tokens > cfg.block_size:
+        raise ValueError(f'{len(prompt)} prompt tokens + max_new_tokens={max_new_tokens} exceed the '
+                         f'block_size={cfg.block_size} the model was trained for')
+    model.setup_cache(1, len(prompt) + max_new_tokens, dtype=dtype)
     sends = []
     send = lambda t, stage: sends.append(dist.isend(t.contiguous(), ps.stage_rank(stage)))
 
