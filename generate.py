@@ -82,6 +82,14 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     return torch.multinomial(distribution(logits, temperature, top_k, top_p), 1, generator=generator)[:, 0]
 
 
+def full_vocab(model, logits):
+    """Logits over the whole vocabulary: under tensor parallelism each rank holds a slice."""
+    ps = model.ps
+    if ps.tp > 1:
+        logits = all_gather(logits.contiguous(), logits.dim() - 1, ps.tp_group, ps.tp)
+    return logits[..., :model.config.vocab_size]
+
+
 class Decoder:
     """Batch-1 decoding state over the model's static KV cache: the tokens so far, and for
     each position how many blocks have its KV (`done`) and its hidden state at that depth."""
@@ -108,11 +116,7 @@ class Decoder:
         return next(self.model.parameters()).device
 
     def full(self, logits):
-        """Logits over the whole vocabulary: under tensor parallelism each rank holds a slice."""
-        ps = self.model.ps
-        if ps.tp > 1:
-            logits = all_gather(logits.contiguous(), logits.dim() - 1, ps.tp_group, ps.tp)
-        return logits[..., :self.cfg.vocab_size]
+        return full_vocab(self.model, logits)
 
     def step(self, allowed, thres, pick, stop_depth=None):
         """Process the last token, bringing every pending position along; at each allowed
@@ -275,7 +279,7 @@ def generate_pipelined(model, prompt, max_new_tokens, thres=None, allowed=None, 
             for e in model.exits_after.get(int(i), ()):
                 fires = not decided and choice is None and e in allowed
                 if model.exits[str(e)].block is not None or fires:
-                    logits = model.exit_logits(e, h, rope, pos)[:, -1]
+                    logits = full_vocab(model, model.exit_logits(e, h, rope, pos)[:, -1])
                     if fires and logits.float().softmax(-1).max().item() >= thres:
                         choice = (pick(logits), int(i) + 1, logits)
         return h, choice
@@ -305,7 +309,7 @@ def generate_pipelined(model, prompt, max_new_tokens, thres=None, allowed=None, 
             h = recv((1, 1, C), dtype, s - 1)
         h, choice = run(h, pos, decided=bool(info[0]))
         if choice is None and model.last and not info[0]:
-            logits = model.final_logits(h)[:, -1]
+            logits = full_vocab(model, model.final_logits(h)[:, -1])
             choice = (pick(logits), cfg.n_layer, logits)
         if choice is not None:
             info = torch.tensor([1, choice[0], choice[1], 0], device=dev)

@@ -228,8 +228,8 @@ def test_cli_under_torchrun_tp_and_pipeline(tmp_path):
     one = subprocess.run([sys.executable, 'generate.py'] + args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr
     want = json.loads(one.stdout.strip().splitlines()[-1])
-    for extra in (['--tp=2'], ['--pp=2', '--method=pipeline']):
-        got = torchrun(2, args + extra, ROOT, 'generate.py')
+    for n, extra in ((2, ['--tp=2']), (2, ['--pp=2', '--method=pipeline']), (4, ['--pp=2', '--tp=2', '--method=pipeline'])):
+        got = torchrun(n, args + extra, ROOT, 'generate.py')
         assert got.returncode == 0, got.stderr[-2000:]
         got = json.loads(got.stdout.strip().splitlines()[-1])
         assert got['tokens'] == want['tokens'] and got['exit_layers'] == want['exit_layers'], extra
