@@ -249,7 +249,7 @@ def save_checkpoint(out_dir, model, optimizer, cfg, iter_num, best_val_loss, ps=
             r = local_range(p, ps)
             if (r is None and ps.tp_rank > 0) or getattr(p, 'duplicate', False):
                 continue  # replicated over tp: tp rank 0 writes it; a stage's copy: its first holder
-            state = optimizer.state.get(p, {})
+            state = optimizer.state.get(p, {}) if optimizer else {}
             for kind, t in (('param', p.detach()), ('exp_avg', state.get('exp_avg')),
                             ('exp_avg_sq', state.get('exp_avg_sq'))):
                 if t is not None:  # without the padding (clone: torch.save keeps whole storages)
@@ -270,7 +270,7 @@ def save_checkpoint(out_dir, model, optimizer, cfg, iter_num, best_val_loss, ps=
             sizes.update(fb)
             for name, e in ents.items():
                 tensors.setdefault(name, dict(e, pieces=[]))['pieces'] += e['pieces']
-        step = next((float(st['step']) for st in optimizer.state.values() if 'step' in st), 0.0)
+        step = next((float(st['step']) for st in optimizer.state.values() if 'step' in st), 0.0) if optimizer else 0.0
         meta = {'iter_num': iter_num, 'best_val_loss': best_val_loss, 'model_config': asdict(model.config),
                 'train_config': cfg, 'optimizer_step': step, 'data': data,
                 'layout': {'world': ps.world, 'dp': ps.dp, 'pp': ps.pp, 'tp': ps.tp, 'sp': ps.sp},
@@ -338,7 +338,8 @@ class Checkpoint:
         with torch.no_grad():
             for name, p in model.logical_parameters():
                 p.copy_(self.read('param', name, p, ps))
-                if optimizer is not None and p.requires_grad:
+                saved = self._file(self.meta['tensors'][name]['pieces'][0][0])['exp_avg']
+                if optimizer is not None and p.requires_grad and name in saved:  # (converted: no moments)
                     fused = optimizer.defaults.get('fused')
                     optimizer.state[p] = {
                         'step': torch.tensor(self.meta['optimizer_step'], device=p.device if fused else 'cpu'),

@@ -1,0 +1,96 @@
+"""Conversion against transformers (skipped cleanly without it) and adding exits."""
+
+import json
+
+import pytest
+import torch
+
+import convert
+import generate
+import train
+from model import GPT, GPTConfig
+
+transformers = pytest.importorskip('transformers')
+pytest.importorskip('safetensors')
+
+
+def hf_models():
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=5000.0,
+        tie_word_embeddings=False))
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=97, n_embd=64, n_layer=3, n_head=4, n_positions=64))
+    return {'llama': llama, 'gpt2': gpt2}
+
+
+@pytest.mark.parametrize('arch', ['llama', 'gpt2'])
+def test_from_hf_matches_transformers_and_round_trips(tmp_path, arch):
+    hf = hf_models()[arch].float().eval()
+    with torch.no_grad():  # random, non-trivial norms and biases
+        for n, p in hf.named_parameters():
+            if 'norm' in n or 'ln_' in n or n.endswith('bias'):
+                p.add_(0.1 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path / 'hf')
+    convert.from_hf(str(tmp_path / 'hf'), str(tmp_path / 'ours'))
+    model, _ = convert.load(str(tmp_path / 'ours'))
+    model.eval()
+    idx = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        want = hf(idx).logits
+        got, _ = model(idx)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    prompt = [3, 14, 15, 92]
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, pad_token_id=0)[0, 4:].tolist()
+    assert generate.generate(model, prompt, 10, 'full')['tokens'] == ref
+    convert.to_hf(str(tmp_path / 'ours'), str(tmp_path / 'back'))
+    from safetensors.torch import load_file
+    before, after = load_file(tmp_path / 'hf' / 'model.safetensors'), load_file(tmp_path / 'back' / 'model.safetensors')
+    before = {k.removeprefix('transformer.') if arch == 'gpt2' else k: v for k, v in before.items()
+              if not (arch == 'gpt2' and k == 'lm_head.weight')}
+    after = {k.removeprefix('transformer.') if arch == 'gpt2' else k: v for k, v in after.items()}
+    assert sorted(before) == sorted(after)
+    for k in before:
+        assert torch.equal(before[k], after[k]), k  # bit for bit
+    again = type(hf).from_pretrained(tmp_path / 'back').eval()
+    with torch.no_grad():
+        assert torch.equal(again(idx).logits, want)
+
+
+def test_unsupported_configs_are_refused(tmp_path):
+    hf = hf_models()['llama']
+    hf.config.rope_scaling = {'rope_type': 'linear', 'factor': 2.0}
+    d = tmp_path / 'scaled'
+    d.mkdir()
+    cfg = hf.config.to_dict()
+    cfg['rope_scaling'] = {'rope_type': 'linear', 'factor': 2.0}
+    cfg.pop('rope_parameters', None)
+    (d / 'config.json').write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="rope scaling 'linear'"):
+        convert.from_hf(str(d), str(tmp_path / 'x'))
+    (d / 'config.json').write_text(json.dumps({'architectures': ['MistralForCausalLM']}))
+    with pytest.raises(ValueError, match="'MistralForCausalLM' is not supported"):
+        convert.from_hf(str(d), str(tmp_path / 'x'))
+
+
+def test_add_exits_copies_and_trains(tmp_path):
+    base = GPT(GPTConfig(arch='llama', n_layer=4, n_head=4, n_embd=32, vocab_size=256, block_size=32), seed=1)
+    train.save_checkpoint(str(tmp_path / 'base'), base, None, {}, 0, 0.0, data={'tokenizer': 'bytes'})
+    with pytest.raises(ValueError, match='pass --keep_exits=False'):
+        convert.add_exits(str(tmp_path / 'base'), str(tmp_path / 'ee'), [1, 3], exit_norm=True, exit_mlp=True,
+                          exit_untie=True)
+        convert.to_hf(str(tmp_path / 'ee'), str(tmp_path / 'hf'))
+    ee, _ = convert.load(str(tmp_path / 'ee'))
+    for e, d in enumerate(ee.config.exit_depths):
+        head = ee.exits[str(e)]
+        assert torch.equal(head.out.weight, base.lm_head.weight) and torch.equal(head.norm.weight, base.norm_f.weight)
+        assert torch.equal(head.mlp.up.weight, base.blocks[str(d - 1)].mlp.up.weight)
+        assert torch.equal(head.mlp_norm.weight, base.blocks[str(d - 1)].norm2.weight)
+    for name, p in base.logical_parameters():
+        assert torch.equal(dict(ee.logical_parameters())[name], p), name
+    convert.add_exits(str(tmp_path / 'base'), str(tmp_path / 'blk'), [2], exit_block=True)
+    blk, _ = convert.load(str(tmp_path / 'blk'))
+    assert torch.equal(blk.exits['0'].block.attn.q.weight, base.blocks['3'].attn.q.weight)
+    out = generate.generate(ee, [1, 2, 3], 5, 'recompute', thres=0.0)
+    assert out['exit_layers'] == [1] * 5
