@@ -94,3 +94,33 @@ def test_add_exits_copies_and_trains(tmp_path):
     assert torch.equal(blk.exits['0'].block.attn.q.weight, base.blocks['3'].attn.q.weight)
     out = generate.generate(ee, [1, 2, 3], 5, 'recompute', thres=0.0)
     assert out['exit_layers'] == [1] * 5
+
+
+def test_tune_trains_only_the_exits(tmp_path):
+    import os
+    import sys
+    import tune
+    sys.path.insert(0, os.path.join(os.path.dirname(convert.__file__), 'data', 'text'))
+    import prepare
+    (tmp_path / 'c.txt').write_text(open(convert.__file__).read() * 4)
+    prepare.main(['--input', str(tmp_path / 'c.txt'), '--out_dir', str(tmp_path / 'data')])
+    base = GPT(GPTConfig(arch='llama', n_layer=4, n_head=4, n_embd=32, vocab_size=256, block_size=32), seed=1)
+    train.save_checkpoint(str(tmp_path / 'base'), base, None, {}, 0, 0.0, data={'tokenizer': 'bytes'})
+    convert.add_exits(str(tmp_path / 'base'), str(tmp_path / 'ee'), [1, 2], exit_norm=True, exit_untie=True)
+    cfg = train.configure(tune.DEFAULTS, [f'--init_from={tmp_path / "ee"}', f'--out_dir={tmp_path / "tuned"}',
+                                         f'--dataset={tmp_path / "data"}', '--device=cpu', '--dtype=float32',
+                                         '--max_iters=40', '--eval_interval=40', '--eval_iters=4', '--batch_size=8',
+                                         '--learning_rate=1e-2', '--warmup_iters=2', '--log_interval=10'])
+    model = tune.tune(cfg)
+    assert sorted(model.blocks) == ['0', '1'] and model.norm_f is None and model.lm_head is None  # never built
+    evals = [json.loads(line) for line in open(tmp_path / 'tuned' / 'log.jsonl') if 'val_exit_losses' in line]
+    for a, b in zip(evals[0]['val_exit_losses'], evals[-1]['val_exit_losses']):
+        assert b < a - 0.3
+    tuned, _ = train.load_model(str(tmp_path / 'tuned'))
+    before, _ = convert.load(str(tmp_path / 'ee'))
+    for (name, p), q in zip(tuned.logical_parameters(), before.parameters()):
+        assert torch.equal(p, q) != name.startswith('exits.'), name  # backbone identical, exits trained
+    out = generate.generate(tuned, [100, 101, 102], 6, 'recompute', thres=0.0)
+    assert out['exit_layers'] == [1] * 6
+    cfg = dict(cfg, dynamic_weighting=True, max_iters=3, out_dir=str(tmp_path / 'dyn'))
+    tune.tune(cfg)

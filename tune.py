@@ -1,0 +1,175 @@
+"""
+EE-Tuning (Pan et al. 2024, arXiv 2402.00518): train only the exit heads of an early-exit
+checkpoint, on a frozen backbone.
+
+    python convert.py add_exits --src=out-base --dst=out-ee --exit_layers=[2,4] --exit_norm
+    python tune.py config/tune_pystdlib.py --init_from=out-ee --out_dir=out-ee-tuned
+    python generate.py --out_dir=out-ee-tuned --early_exit_thres=0.8 --show_exits
+
+Only the embedding, the blocks up to the deepest exit and the exits are built and loaded:
+the layers past the deepest exit are never allocated (EE-Tuning's "load only the first
+stages", automatic). The backbone runs under no_grad; the objective is
+sum_e w_e * exit_CE_e, or with dynamic_weighting each token's exit loss scaled by that
+exit's detached confidence (its max probability). The tuned checkpoint holds the tuned
+exits and the source's backbone files, copied byte for byte, so generate.py uses it as is.
+"""
+
+import json
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+import train
+from model import GPT, GPTConfig
+from parallel import GradSync, ParallelState, clip_grad_norm_, init_distributed
+
+DEFAULTS = dict(train.DEFAULTS, init_from='', out_dir='out-tuned', dynamic_weighting=False, max_iters=500,
+                learning_rate=1e-3, min_lr=1e-4, warmup_iters=20, eval_interval=100, log_interval=20)
+
+
+def exit_objective(model, x, y, w, dynamic):
+    """Weighted exit losses on the frozen backbone. Returns (objective, [exit CE])."""
+    with torch.no_grad():
+        h, pos = model.embed(x)
+        rope = model.rope(pos)
+        _, taps = model.run_blocks(h, rope, exits=True)
+    total, ces = 0.0, []
+    for e, h in taps:
+        logits = model.exit_logits(e, h, rope)
+        if dynamic:  # EE-Tuning's token-wise weights: the exit's own detached confidence
+            if model.ps.tp > 1:
+                raise ValueError('dynamic_weighting runs with tp=1')
+            logp = logits.float().log_softmax(-1).flatten(0, 1)[:, :model.config.vocab_size]
+            tok = -logp.gather(1, y.flatten()[:, None])[:, 0]
+            ce = tok.mean()
+            obj = (tok * logp.max(-1).values.exp().detach()).mean()
+        else:
+            ce = obj = model.loss(logits, y)
+        total = total + w[e] * obj
+        ces.append(ce.detach())
+    return total, ces
+
+
+def save_tuned(out_dir, src, model, optimizer, cfg, it, data, ps):
+    """The tuned tensors, plus the source checkpoint's files for everything not built here."""
+    train.save_checkpoint(out_dir, model, optimizer, cfg, it, float('inf'), ps, data)
+    if not ps.is_main:
+        return
+    path = os.path.join(out_dir, 'ckpt')
+    with open(os.path.join(path, 'meta.json')) as f:
+        meta = json.load(f)
+    missing = {n: e for n, e in src.meta['tensors'].items() if n not in meta['tensors']}
+    for fname in sorted({piece[0] for e in missing.values() for piece in e['pieces']}):
+        shutil.copyfile(os.path.join(src.path, fname), os.path.join(path, 'base-' + fname))
+        meta['file_bytes']['base-' + fname] = os.path.getsize(os.path.join(path, 'base-' + fname))
+    for n, e in missing.items():
+        meta['tensors'][n] = dict(e, pieces=[['base-' + p[0], p[1], p[2]] for p in e['pieces']])
+    tmp = os.path.join(path, 'meta.json.tmp')
+    with open(tmp, 'w') as f:
+        json.dump(meta, f, indent=1)
+    os.replace(tmp, os.path.join(path, 'meta.json'))
+
+
+def tune(cfg):
+    device = cfg['device'] = init_distributed(cfg['device'])
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[cfg['dtype']]
+    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+    if not cfg['init_from']:
+        raise ValueError('init_from: give the checkpoint directory with exits to tune (convert.py add_exits makes one)')
+    src = train.Checkpoint(cfg['init_from'])
+    mcfg = GPTConfig(**src.meta['model_config'])
+    if not mcfg.exit_layers:
+        raise ValueError(f"{cfg['init_from']} has no exits; add them with convert.py add_exits")
+    data, data_meta = train.load_data(cfg['dataset'])
+    ps = ParallelState(cfg['tp'])
+    depth = max(mcfg.exit_depths)
+    torch.manual_seed(cfg['seed'] + ps.dp_rank)
+    model = GPT(mcfg, ps, cfg['seed'], layers=range(depth)).to(device)  # nothing past the deepest exit
+    src.load_into(model, ps=ps)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith('exits.'))
+    cfg = dict(cfg, **{k: getattr(mcfg, k) for k in train.MODEL_KEYS})
+    optimizer = train.make_optimizer(model, cfg, device_type)
+    grads = GradSync(model.parameters(), ps)
+    B, T, accum = cfg['batch_size'], mcfg.block_size, cfg['gradient_accumulation_steps']
+    local = accum // ps.dp
+    n_exits = len(mcfg.exit_layers)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    say = print if ps.is_main else (lambda *a, **k: None)
+    say(f"tuning {trainable / 1e6:.3f}M exit parameters on a frozen backbone of blocks 0..{depth - 1} "
+        f"(of {mcfg.n_layer}; blocks {depth}..{mcfg.n_layer - 1} are never built)")
+    if ps.is_main:
+        os.makedirs(cfg['out_dir'], exist_ok=True)
+    log = open(os.path.join(cfg['out_dir'], 'log.jsonl'), 'a') if ps.is_main else None
+
+    def val_losses():
+        model.eval()
+        tot = torch.zeros(n_exits, device=device)
+        for k in range(ps.dp_rank, cfg['eval_iters'], ps.dp):
+            offs = train.batch_offsets(len(data['val']), T, B, cfg['seed'], -1 - k, 'val')
+            x, y = train.get_batch(data['val'], offs, T, device)
+            with ctx, torch.no_grad():
+                tot += torch.stack(exit_objective(model, x, y, [1.0] * n_exits, False)[1]).float()
+        if ps.dp > 1:
+            dist.all_reduce(tot, group=ps.dp_group)
+        model.train()
+        return (tot / cfg['eval_iters']).tolist()
+
+    t0 = time.time()
+    for it in range(cfg['max_iters'] + 1):
+        if it % cfg['eval_interval'] == 0 or it == cfg['max_iters']:
+            v = val_losses()
+            say(f'step {it}: val exit losses {train.fmt_losses(v)}')
+            if log:
+                log.write(json.dumps({'iter': it, 'val_exit_losses': v}) + '\n')
+                log.flush()
+        if it == cfg['max_iters']:
+            break
+        lr = train.get_lr(it, cfg)
+        for g in optimizer.param_groups:
+            g['lr'] = lr
+        w = train.exit_weights(it, cfg, n_exits)
+        offsets = train.batch_offsets(len(data['train']), T, B * accum, cfg['seed'], it, 'train')
+        sums = torch.zeros(n_exits, device=device)
+        for m in range(local):
+            k = ps.dp_rank * local + m
+            x, y = train.get_batch(data['train'], offsets[k * B:(k + 1) * B], T, device)
+            grads.sync = m == local - 1
+            with ctx:
+                obj, ces = exit_objective(model, x, y, w, cfg['dynamic_weighting'])
+            (obj / accum).backward()
+            sums += torch.stack(ces).float() / accum
+        grads.wait()
+        if cfg['grad_clip'] > 0:
+            clip_grad_norm_(grads.params, cfg['grad_clip'], ps)
+        optimizer.step()
+        grads.zero()
+        if it % cfg['log_interval'] == 0:
+            if ps.dp > 1:
+                dist.all_reduce(sums, group=ps.dp_group)
+            dt = (time.time() - t0) / (1 if it == 0 else cfg['log_interval'])
+            say(f'iter {it}: exit losses {train.fmt_losses(sums.tolist())} lr {lr:.2e} {dt * 1000:.1f} ms '
+                f'{B * accum * T / dt:,.0f} tok/s')
+            if log:
+                log.write(json.dumps({'iter': it, 'exit_losses': sums.tolist(), 'lr': lr, 'ms': dt * 1000}) + '\n')
+                log.flush()
+            t0 = time.time()
+    save_tuned(cfg['out_dir'], src, model, optimizer, cfg, cfg['max_iters'], src.meta.get('data') or data_meta, ps)
+    say(f"saved the tuned checkpoint to {cfg['out_dir']}")
+    if log:
+        log.close()
+    return model
+
+
+if __name__ == '__main__':
+    try:
+        tune(train.configure(DEFAULTS, sys.argv[1:]))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
