@@ -8,12 +8,13 @@ Pan et al. 2024, arXiv 2402.00518).
                       [--exit_block] [--exit_pre] [--exit_untie] [--random_init]
 
 from_hf reads config.json and the weights (model.safetensors, sharded safetensors with an
-index, or pytorch_model.bin) one shard at a time into a model that is never initialised
-(peak memory: the model once plus one shard), and writes a layout-free nanoEE checkpoint.
+index, or pytorch_model.bin) one shard at a time and writes each as a shard of a
+layout-free nanoEE checkpoint under our names (peak memory: about one shard).
 Anything we do not implement (rope scaling, other activations, ...) is refused.
 """
 
 import json
+import math
 import os
 import sys
 
@@ -21,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from model import GPT, GPTConfig
-from train import Checkpoint, configure, save_checkpoint
+from train import Checkpoint, commit_checkpoint, configure, save_checkpoint, start_checkpoint
 
 # -----------------------------------------------------------------------------
 # Hugging Face names -> ours (None: a buffer to skip), per architecture
@@ -123,30 +124,29 @@ def from_hf(src, dst):
     if arch is None:
         raise ValueError(f'{src}: architecture {kind!r} is not supported (LlamaForCausalLM, GPT2LMHeadModel)')
     cfg = (llama_config if arch == 'llama' else gpt2_config)(c)
-    with torch.device('meta'):
-        model = GPT(cfg)
-    model.to_empty(device='cpu')
-    model.tie()
-    params = dict(model.named_parameters())
-    filled = set()
+    with torch.device('meta'):  # only for the names and shapes: nothing is allocated
+        shapes = {n: tuple(p.shape) for n, p in GPT(cfg).logical_parameters()}
+    tmp, tensors, sizes = start_checkpoint(dst), {}, {}
     files, read = hf_shards(src)
-    for f in tqdm(files, desc='converting', unit='shard'):
+    for k, f in enumerate(tqdm(files, desc='converting', unit='shard')):  # one shard in memory at a time
+        shard = {'param': {}, 'exp_avg': {}, 'exp_avg_sq': {}}
         for name, t in read(f).items():
             for ours, tensor in hf_to_ours(arch, name, t, cfg):
-                if ours not in params:
+                if ours not in shapes:
                     raise ValueError(f'{src}: tensor {name} has no place in the model ({ours})')
-                if tuple(tensor.shape) != tuple(params[ours].shape):
-                    raise ValueError(f'{name}: shape {tuple(tensor.shape)}, the model wants {tuple(params[ours].shape)}')
-                with torch.no_grad():
-                    params[ours].copy_(tensor)
-                filled.add(ours)
-    missing = sorted(set(n for n, _ in model.logical_parameters()) - filled)
+                if tuple(tensor.shape) != shapes[ours]:
+                    raise ValueError(f'{name}: shape {tuple(tensor.shape)}, the model wants {shapes[ours]}')
+                shard['param'][ours] = tensor.float().contiguous()
+                tensors[ours] = {'shape': list(shapes[ours]), 'dim': None, 'pieces': [[f'shard-hf{k}.pt', None, None]]}
+        torch.save(shard, os.path.join(tmp, f'shard-hf{k}.pt'))
+        sizes[f'shard-hf{k}.pt'] = os.path.getsize(os.path.join(tmp, f'shard-hf{k}.pt'))
+    missing = sorted(set(shapes) - set(tensors))
     if missing:
         raise ValueError(f'{src}: no weights for {missing[:5]}{" ..." if len(missing) > 5 else ""}')
-    tokenizer = 'gpt2' if arch == 'gpt2' else None
-    save_checkpoint(dst, model, None, {'source': os.path.abspath(src)}, 0, float('inf'),
-                    data={'tokenizer': tokenizer, 'vocab_size': cfg.vocab_size, 'eot_token': c.get('eos_token_id')})
-    print(f'{src} -> {dst}: {arch}, {model.num_params() / 1e6:.1f}M parameters')
+    commit_checkpoint(dst, cfg, tensors, sizes, {'source': os.path.abspath(src)},
+                      data={'tokenizer': 'gpt2' if arch == 'gpt2' else None, 'vocab_size': cfg.vocab_size,
+                            'eot_token': c.get('eos_token_id')})
+    print(f'{src} -> {dst}: {arch}, {sum(math.prod(s) for s in shapes.values()) / 1e6:.1f}M parameters')
 
 
 def to_hf(src, dst, keep_exits=True):

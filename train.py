@@ -232,14 +232,39 @@ def _barrier(ps):
         dist.barrier()
 
 
-def save_checkpoint(out_dir, model, optimizer, cfg, iter_num, best_val_loss, ps=LOCAL, data=None):
-    """Collective (every rank calls it). Written to ckpt.tmp and swapped in by renames, so
-    a crash never leaves a half-written ckpt (at worst ckpt.old, which loading falls back to).
-    data: the dataset's meta (tokenizer, vocabulary), for generation."""
+def start_checkpoint(out_dir):
+    """A fresh out_dir/ckpt.tmp to write a checkpoint's files into; returns its path."""
+    tmp = os.path.join(out_dir, 'ckpt.tmp')
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def commit_checkpoint(out_dir, model_config, tensors, file_bytes, train_config=None, iter_num=0,
+                      best_val_loss=float('inf'), optimizer_step=0.0, data=None, layout=None):
+    """Write meta.json into ckpt.tmp and swap it in by renames, so a crash never leaves a
+    half-written ckpt (at worst ckpt.old, which loading falls back to). tensors: logical
+    name -> {'shape', 'dim' (split dimension or None), 'pieces': [[file, start, end]]}."""
     final, tmp, old = (os.path.join(out_dir, n) for n in ('ckpt', 'ckpt.tmp', 'ckpt.old'))
+    meta = {'iter_num': iter_num, 'best_val_loss': best_val_loss, 'model_config': asdict(model_config),
+            'train_config': train_config, 'optimizer_step': optimizer_step, 'data': data,
+            'layout': layout or {'world': 1, 'dp': 1, 'pp': 1, 'tp': 1, 'sp': False},
+            'tensors': tensors, 'file_bytes': file_bytes}
+    with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+        json.dump(meta, f, indent=1)
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(out_dir, model, optimizer, cfg, iter_num, best_val_loss, ps=LOCAL, data=None):
+    """Collective (every rank calls it): each (pp, tp) position of dp rank 0 writes its shard
+    file, rank 0 the meta. data: the dataset's meta (tokenizer, vocabulary), for generation."""
+    tmp = os.path.join(out_dir, 'ckpt.tmp')
     if ps.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        start_checkpoint(out_dir)
     _barrier(ps)
     entries, file_bytes = {}, {}
     if ps.dp_rank == 0:  # data-parallel replicas hold the same shards: one writes
@@ -271,17 +296,8 @@ def save_checkpoint(out_dir, model, optimizer, cfg, iter_num, best_val_loss, ps=
             for name, e in ents.items():
                 tensors.setdefault(name, dict(e, pieces=[]))['pieces'] += e['pieces']
         step = next((float(st['step']) for st in optimizer.state.values() if 'step' in st), 0.0) if optimizer else 0.0
-        meta = {'iter_num': iter_num, 'best_val_loss': best_val_loss, 'model_config': asdict(model.config),
-                'train_config': cfg, 'optimizer_step': step, 'data': data,
-                'layout': {'world': ps.world, 'dp': ps.dp, 'pp': ps.pp, 'tp': ps.tp, 'sp': ps.sp},
-                'tensors': tensors, 'file_bytes': sizes}
-        with open(os.path.join(tmp, 'meta.json'), 'w') as f:
-            json.dump(meta, f, indent=1)
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.exists(final):
-            os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        commit_checkpoint(out_dir, model.config, tensors, sizes, cfg, iter_num, best_val_loss, step, data,
+                          {'world': ps.world, 'dp': ps.dp, 'pp': ps.pp, 'tp': ps.tp, 'sp': ps.sp})
     _barrier(ps)
 
 
