@@ -9,13 +9,15 @@ Pan et al. 2024, arXiv 2402.00518).
 
 from_hf reads config.json and the weights (model.safetensors, sharded safetensors with an
 index, or pytorch_model.bin) one shard at a time and writes each as a shard of a
-layout-free nanoEE checkpoint under our names (peak memory: about one shard).
+layout-free nanoEE checkpoint under our names (peak memory: about one shard); a
+tokenizer.json beside the weights is copied along and used by generate.py.
 Anything we do not implement (rope scaling, other activations, ...) is refused.
 """
 
 import json
 import math
 import os
+import shutil
 import sys
 
 import torch
@@ -143,9 +145,12 @@ def from_hf(src, dst):
     missing = sorted(set(shapes) - set(tensors))
     if missing:
         raise ValueError(f'{src}: no weights for {missing[:5]}{" ..." if len(missing) > 5 else ""}')
+    tokenizer = 'gpt2' if arch == 'gpt2' else None
+    if os.path.exists(os.path.join(src, 'tokenizer.json')):  # the model's own tokenizer travels with it
+        shutil.copyfile(os.path.join(src, 'tokenizer.json'), os.path.join(dst, 'tokenizer.json'))
+        tokenizer = 'tokenizer.json'
     commit_checkpoint(dst, cfg, tensors, sizes, {'source': os.path.abspath(src)},
-                      data={'tokenizer': 'gpt2' if arch == 'gpt2' else None, 'vocab_size': cfg.vocab_size,
-                            'eot_token': c.get('eos_token_id')})
+                      data={'tokenizer': tokenizer, 'vocab_size': cfg.vocab_size, 'eot_token': c.get('eos_token_id')})
     print(f'{src} -> {dst}: {arch}, {sum(math.prod(s) for s in shapes.values()) / 1e6:.1f}M parameters')
 
 

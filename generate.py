@@ -25,6 +25,7 @@ Methods:
 """
 
 import json as _json  # (json is a key below)
+import os
 import sys
 import time
 
@@ -96,7 +97,7 @@ class Decoder:
 
     def __init__(self, model, prompt, max_len):
         self.model, self.cfg = model, model.config
-        self.L = self.cfg.n_layer
+        self.L, self.device = self.cfg.n_layer, next(model.parameters()).device
         model.setup_cache(1, max_len, dtype=next(model.parameters()).dtype)
         self.tokens = list(prompt)
         self.done = []                      # blocks with KV, per position
@@ -108,22 +109,15 @@ class Decoder:
         block need its KV). Decoding starts at the last prompt token."""
         n = len(self.tokens) - 1
         if n > 0:
-            self.model(torch.tensor([self.tokens[:n]], device=self._device()), exits=True,
-                       input_pos=torch.arange(n, device=self._device()))
+            self.model(torch.tensor([self.tokens[:n]], device=self.device), exits=True,
+                       input_pos=torch.arange(n, device=self.device))
         self.done = [self.L] * n
-
-    def _device(self):
-        return next(self.model.parameters()).device
-
-    def full(self, logits):
-        return full_vocab(self.model, logits)
 
     def step(self, allowed, thres, pick, stop_depth=None):
         """Process the last token, bringing every pending position along; at each allowed
         exit, if max prob >= thres, emit from it. stop_depth: run no deeper (drafting).
         Returns (token, depth it left at, {depth: max prob}, the logits it came from)."""
-        m, t = self.model, len(self.tokens) - 1
-        dev = self._device()
+        m, t, dev = self.model, len(self.tokens) - 1, self.device
         x, _ = m.embed(torch.tensor([[self.tokens[t]]], device=dev), torch.tensor([t], device=dev))
         self.done.append(0)
         self.hidden[t] = x
@@ -143,19 +137,15 @@ class Decoder:
             e = self.exit_at.get(i + 1)
             if e is None or not (e in allowed or stop_depth == i + 1):
                 continue  # (an exit that may not fire is never computed)
-            has_block = m.exits[str(e)].block is not None
             # an exit with a block keeps a KV cache: run it for every position passing here
-            logits = self.full(m.exit_logits(e, h if has_block else h[:, -1:], m.rope(pos if has_block else pos[-1:]),
-                                             pos if has_block else pos[-1:])[:, -1])
+            sel = slice(None) if m.exits[str(e)].block is not None else slice(-1, None)
+            logits = full_vocab(m, m.exit_logits(e, h[:, sel], m.rope(pos[sel]), pos[sel])[:, -1])
             p_max = logits.float().softmax(-1).max().item()
             probs[i + 1] = p_max
             if p_max >= thres or stop_depth == i + 1:
                 self._park(h, start, t)
                 return pick(logits), i + 1, probs, logits
-        if stop_depth:
-            self._park(h, start, t)
-            return None, stop_depth, probs, None
-        logits = self.full(m.final_logits(h[:, -1:])[:, -1])
+        logits = full_vocab(m, m.final_logits(h[:, -1:])[:, -1])
         return pick(logits), self.L, probs, logits
 
     def _park(self, h, start, t):
@@ -215,7 +205,7 @@ def generate(model, prompt, max_new_tokens, method='full', thres=None, allowed=N
             pos = torch.arange(start, t + 1, device=h.device)
             for i in range(d, cfg.n_layer):
                 h = model.blocks[str(i)](h, model.rope(pos), pos)
-            full = dec.full(model.final_logits(h))[0]  # (k, V): the full model's next token after each position
+            full = full_vocab(model, model.final_logits(h))[0]  # (k, V): the full model's next token after each position
             del dec.done[start:]
             dec.done += [cfg.n_layer] * (t - start + 1)
             out['drafted'] += spec_k
@@ -351,8 +341,9 @@ def generate_pipelined(model, prompt, max_new_tokens, thres=None, allowed=None, 
 # -----------------------------------------------------------------------------
 # the command line
 
-def tokenizer(meta):
-    """(encode, decode) from the checkpoint's data meta: bytes or tiktoken gpt2."""
+def tokenizer(meta, out_dir='.'):
+    """(encode, decode) from the checkpoint's data meta: bytes, tiktoken's gpt2, or a
+    Hugging Face tokenizer.json kept beside the checkpoint (needs the tokenizers package)."""
     name = (meta.get('data') or {}).get('tokenizer')
     if name == 'bytes':
         return (lambda s: list(s.encode('utf-8'))), (lambda ids: bytes(ids).decode('utf-8', errors='replace'))
@@ -360,104 +351,14 @@ def tokenizer(meta):
         import tiktoken
         enc = tiktoken.get_encoding('gpt2')
         return (lambda s: enc.encode(s, allowed_special={'<|endoftext|>'})), enc.decode
+    if name == 'tokenizer.json':
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            sys.exit('this checkpoint has a Hugging Face tokenizer.json: pip install tokenizers, or give --prompt_ids')
+        tok = Tokenizer.from_file(os.path.join(out_dir, name))
+        return (lambda s: tok.encode(s).ids), tok.decode
     return None, None
-
-
-# -----------------------------------------------------------------------------
-# the server: EE-LLM's (Megatron's) text-generation API, PUT /api
-
-MAX_REQUEST_BYTES = 1 << 20
-MAX_PROMPTS = 16
-FIELDS = {  # name: (types, check, what is allowed)
-    'prompts': (list, lambda v: 0 < len(v) <= MAX_PROMPTS and all(isinstance(p, str) and p for p in v),
-                f'a list of 1..{MAX_PROMPTS} non-empty strings'),
-    'tokens_to_generate': (int, lambda v: 0 <= v <= 4096, 'an int in 0..4096'),
-    'temperature': ((int, float), lambda v: 0 <= v <= 100, 'a number in 0..100 (0: greedy)'),
-    'top_k': (int, lambda v: v >= 0, 'an int >= 0 (0: off)'),
-    'top_p': ((int, float), lambda v: 0 <= v <= 1, 'a number in 0..1 (0: off)'),
-    'random_seed': (int, lambda v: v >= 0, 'an int >= 0'),
-    'logprobs': (bool, lambda v: True, 'true or false'),
-    'use_early_exit': (bool, lambda v: True, 'true or false'),
-    'early_exit_thres': ((int, float), lambda v: 0 <= v, 'a number >= 0'),
-    'exit_layers': (list, lambda v: all(isinstance(L, int) and not isinstance(L, bool) for L in v),
-                    "a list of the model's exit layers"),
-    'print_max_prob': (bool, lambda v: True, 'true or false'),
-}
-
-
-def api_request(model, encode, decode, body, eot=None):
-    """One /api request (raw bytes) -> (HTTP status, response dict). Bad input is a 400
-    whose message names the field and what is allowed."""
-    try:
-        req = _json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        return 400, {'error': f'the body is not JSON: {e}'}
-    if not isinstance(req, dict):
-        return 400, {'error': 'the body must be a JSON object'}
-    unknown = sorted(set(req) - set(FIELDS))
-    if unknown:
-        return 400, {'error': f'unknown field(s) {unknown}; allowed: {sorted(FIELDS)}'}
-    if 'prompts' not in req:
-        return 400, {'error': 'prompts is required'}
-    for k, v in req.items():
-        types, ok, allowed = FIELDS[k]
-        if isinstance(v, bool) and types is not bool or not isinstance(v, types) or not ok(v):
-            return 400, {'error': f'{k}={_json.dumps(v)[:100]} is not allowed: {k} must be {allowed}'}
-    cfg = model.config
-    index = {L: e for e, L in enumerate(cfg.exit_layers)}
-    bad = [L for L in req.get('exit_layers', []) if L not in index]
-    if bad:
-        return 400, {'error': f'exit_layers={bad} are not exits of this model; allowed: {list(cfg.exit_layers)}'}
-    n = req.get('tokens_to_generate', 64)
-    texts, segments, logprobs, max_probs = [], [], [], []
-    for prompt in req['prompts']:
-        ids = encode(prompt)
-        if len(ids) + n > cfg.block_size:
-            return 400, {'error': f'prompts: a prompt of {len(ids)} tokens + tokens_to_generate={n} exceeds '
-                                  f'the model\'s block_size={cfg.block_size}'}
-        top_k = req.get('top_k', 0)
-        out = generate(model, ids, n, 'recompute', req.get('early_exit_thres', 1.0) if req.get('use_early_exit')
-                       else None, [index[L] for L in req['exit_layers']] if 'exit_layers' in req else None,
-                       temperature=0.0 if top_k == 1 else req.get('temperature', 0.0), top_k=top_k or None,
-                       top_p=req.get('top_p') or None, seed=req.get('random_seed'), stop=eot) if n else \
-            {'tokens': [], 'logprobs': [], 'max_probs': []}
-        texts.append(decode(ids + out['tokens']))
-        segments.append([decode([t]) for t in ids + out['tokens']])
-        logprobs.append(out['logprobs'])
-        max_probs.append([{str(d): p for d, p in probs.items()} for probs in out['max_probs']])
-    resp = {'text': texts, 'segments': segments, 'logprobs': logprobs if req.get('logprobs') else None}
-    if req.get('print_max_prob'):
-        resp['max_probs'] = max_probs
-    return 200, resp
-
-
-def make_server(model, encode, decode, port, eot=None):
-    """A one-request-at-a-time HTTP server (the model and its cache are not shared)."""
-    from http.server import BaseHTTPRequestHandler, HTTPServer
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_PUT(self):
-            if self.path != '/api':
-                return self.reply(404, {'error': f'no such path {self.path}; use PUT /api'})
-            size = int(self.headers.get('Content-Length') or 0)
-            if size > MAX_REQUEST_BYTES:
-                return self.reply(400, {'error': f'the request has {size} bytes; at most {MAX_REQUEST_BYTES}'})
-            try:
-                self.reply(*api_request(model, encode, decode, self.rfile.read(size), eot))
-            except Exception as e:  # keep serving whatever one request does
-                self.reply(500, {'error': f'{type(e).__name__}: {e}'})
-
-        def reply(self, status, obj):
-            data = _json.dumps(obj).encode()
-            self.send_response(status)
-            self.send_header('Content-Type', 'application/json')
-            self.send_header('Content-Length', str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-    server = HTTPServer(('', port), Handler)
-    print(f'serving PUT http://localhost:{server.server_port}/api')
-    return server
 
 
 COLOURS = ['\033[41m', '\033[43m', '\033[42m', '\033[46m', '\033[44m', '\033[45m']  # by exit, then final: none
@@ -474,7 +375,7 @@ def main(args):
     model.eval()
     say = print if ps.is_main else (lambda *a, **k: None)
     mc = model.config
-    encode, decode = tokenizer(ckpt.meta)
+    encode, decode = tokenizer(ckpt.meta, cfg['out_dir'])
     if cfg['prompt_ids'] is not None:
         ids = list(cfg['prompt_ids'])
     else:

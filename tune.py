@@ -4,11 +4,13 @@ checkpoint, on a frozen backbone.
 
     python convert.py add_exits --src=out-base --dst=out-ee --exit_layers=[2,4] --exit_norm
     python tune.py config/tune_pystdlib.py --init_from=out-ee --out_dir=out-ee-tuned
+    torchrun --nproc_per_node=4 tune.py config/tune_pystdlib.py --init_from=out-ee --out_dir=out-ee-tuned --tp=2 --pp=2
     python generate.py --out_dir=out-ee-tuned --early_exit_thres=0.8 --show_exits
 
 Only the embedding, the blocks up to the deepest exit and the exits are built and loaded:
 the layers past the deepest exit are never allocated (EE-Tuning's "load only the first
-stages", automatic). The backbone runs under no_grad; the objective is
+stages", automatic); with pp > 1 those blocks are split into stages, which pass hidden
+states forward only, since every trainable parameter sits behind its own exit. The backbone runs under no_grad; the objective is
 sum_e w_e * exit_CE_e, or with dynamic_weighting each token's exit loss scaled by that
 exit's detached confidence (its max probability). The tuned checkpoint holds the tuned
 exits and the source's backbone files, copied byte for byte, so generate.py uses it as is.
@@ -27,22 +29,33 @@ import torch.distributed as dist
 import train
 from model import GPT, GPTConfig
 from parallel import GradSync, ParallelState, clip_grad_norm_, init_distributed
+from pipeline import stage_layers
 
 DEFAULTS = dict(train.DEFAULTS, init_from='', out_dir='out-tuned', dynamic_weighting=False, max_iters=500,
                 learning_rate=1e-3, min_lr=1e-4, warmup_iters=20, eval_interval=100, log_interval=20)
 
 
-def exit_objective(model, x, y, w, dynamic):
-    """Weighted exit losses on the frozen backbone. Returns (objective, [exit CE])."""
+def exit_objective(model, x, y, w, dynamic, ps):
+    """Weighted losses of this stage's exits on the frozen backbone. With pp > 1 the hidden
+    states come from the previous stage and go on to the next (no gradient crosses stages:
+    every trainable parameter sits behind its own exit). Returns (objective, {exit: CE})."""
     with torch.no_grad():
-        h, pos = model.embed(x)
+        pos = torch.arange(x.size(1), device=x.device)
+        if model.first:
+            h, _ = model.embed(x)
+        else:
+            h = torch.empty((x.size(0), x.size(1), model.config.n_embd), device=x.device,
+                            dtype=next(model.parameters()).dtype)
+            dist.recv(h, ps.stage_rank(ps.pp_rank - 1))
         rope = model.rope(pos)
-        _, taps = model.run_blocks(h, rope, exits=True)
-    total, ces = 0.0, []
+        h, taps = model.run_blocks(h, rope, exits=True)
+        if ps.pp_rank < ps.pp - 1:
+            dist.send(h.contiguous(), ps.stage_rank(ps.pp_rank + 1))
+    total, ces = 0.0, {}
     for e, h in taps:
         logits = model.exit_logits(e, h, rope)
         if dynamic:  # EE-Tuning's token-wise weights: the exit's own detached confidence
-            if model.ps.tp > 1:
+            if ps.tp > 1:
                 raise ValueError('dynamic_weighting runs with tp=1')
             logp = logits.float().log_softmax(-1).flatten(0, 1)[:, :model.config.vocab_size]
             tok = -logp.gather(1, y.flatten()[:, None])[:, 0]
@@ -51,7 +64,7 @@ def exit_objective(model, x, y, w, dynamic):
         else:
             ce = obj = model.loss(logits, y)
         total = total + w[e] * obj
-        ces.append(ce.detach())
+        ces[e] = ce.detach().float()
     return total, ces
 
 
@@ -87,10 +100,13 @@ def tune(cfg):
     if not mcfg.exit_layers:
         raise ValueError(f"{cfg['init_from']} has no exits; add them with convert.py add_exits")
     data, data_meta = train.load_data(cfg['dataset'])
-    ps = ParallelState(cfg['tp'])
+    if cfg['sp']:
+        raise ValueError('sp: tune.py runs without sequence parallelism')
+    ps = ParallelState(cfg['tp'], cfg['pp'])
     depth = max(mcfg.exit_depths)
+    layers = stage_layers(depth, ps.pp, cfg['pp_layers'])[ps.pp_rank]  # the stages up to the deepest exit
     torch.manual_seed(cfg['seed'] + ps.dp_rank)
-    model = GPT(mcfg, ps, cfg['seed'], layers=range(depth)).to(device)  # nothing past the deepest exit
+    model = GPT(mcfg, ps, cfg['seed'], layers=layers).to(device)  # nothing past the deepest exit
     src.load_into(model, ps=ps)
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith('exits.'))
@@ -102,11 +118,16 @@ def tune(cfg):
     n_exits = len(mcfg.exit_layers)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say = print if ps.is_main else (lambda *a, **k: None)
-    say(f"tuning {trainable / 1e6:.3f}M exit parameters on a frozen backbone of blocks 0..{depth - 1} "
-        f"(of {mcfg.n_layer}; blocks {depth}..{mcfg.n_layer - 1} are never built)")
+    say(f"tuning {trainable / 1e6:.3f}M exit parameters (stage 0) on a frozen backbone of blocks 0..{depth - 1} "
+        f"(of {mcfg.n_layer}; blocks {depth}..{mcfg.n_layer - 1} are never built), {str(ps).split(' rank')[0]}")
     if ps.is_main:
         os.makedirs(cfg['out_dir'], exist_ok=True)
     log = open(os.path.join(cfg['out_dir'], 'log.jsonl'), 'a') if ps.is_main else None
+
+    def reduce(t):  # each exit's loss lives on one stage, each dp rank saw its share
+        for group, n in ((ps.pp_group, ps.pp), (ps.dp_group, ps.dp)):
+            if n > 1:
+                dist.all_reduce(t, group=group)
 
     def val_losses():
         model.eval()
@@ -115,9 +136,9 @@ def tune(cfg):
             offs = train.batch_offsets(len(data['val']), T, B, cfg['seed'], -1 - k, 'val')
             x, y = train.get_batch(data['val'], offs, T, device)
             with ctx, torch.no_grad():
-                tot += torch.stack(exit_objective(model, x, y, [1.0] * n_exits, False)[1]).float()
-        if ps.dp > 1:
-            dist.all_reduce(tot, group=ps.dp_group)
+                for e, ce in exit_objective(model, x, y, [1.0] * n_exits, False, ps)[1].items():
+                    tot[e] += ce
+        reduce(tot)
         model.train()
         return (tot / cfg['eval_iters']).tolist()
 
@@ -142,17 +163,18 @@ def tune(cfg):
             x, y = train.get_batch(data['train'], offsets[k * B:(k + 1) * B], T, device)
             grads.sync = m == local - 1
             with ctx:
-                obj, ces = exit_objective(model, x, y, w, cfg['dynamic_weighting'])
-            (obj / accum).backward()
-            sums += torch.stack(ces).float() / accum
+                obj, ces = exit_objective(model, x, y, w, cfg['dynamic_weighting'], ps)
+            if ces:
+                (obj / accum).backward()
+            for e, ce in ces.items():
+                sums[e] += ce / accum
         grads.wait()
         if cfg['grad_clip'] > 0:
             clip_grad_norm_(grads.params, cfg['grad_clip'], ps)
         optimizer.step()
         grads.zero()
         if it % cfg['log_interval'] == 0:
-            if ps.dp > 1:
-                dist.all_reduce(sums, group=ps.dp_group)
+            reduce(sums)
             dt = (time.time() - t0) / (1 if it == 0 else cfg['log_interval'])
             say(f'iter {it}: exit losses {train.fmt_losses(sums.tolist())} lr {lr:.2e} {dt * 1000:.1f} ms '
                 f'{B * accum * T / dt:,.0f} tok/s')

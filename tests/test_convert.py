@@ -33,7 +33,16 @@ def test_from_hf_matches_transformers_and_round_trips(tmp_path, arch):
             if 'norm' in n or 'ln_' in n or n.endswith('bias'):
                 p.add_(0.1 * torch.randn_like(p))
     hf.save_pretrained(tmp_path / 'hf')
+    tokenizers = pytest.importorskip('tokenizers')
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token='?'))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel()
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.train_from_iterator(['def f(x): return x + 1'] * 10, tokenizers.trainers.BpeTrainer(vocab_size=97))
+    tok.save(str(tmp_path / 'hf' / 'tokenizer.json'))
     convert.from_hf(str(tmp_path / 'hf'), str(tmp_path / 'ours'))
+    encode, decode = generate.tokenizer(json.loads((tmp_path / 'ours' / 'ckpt' / 'meta.json').read_text()),
+                                        str(tmp_path / 'ours'))
+    assert decode(encode('def f(x)')).strip() == 'def f(x)'  # the tokenizer came along
     model, _ = convert.load(str(tmp_path / 'ours'))
     model.eval()
     idx = torch.randint(0, 97, (2, 20))
@@ -96,31 +105,61 @@ def test_add_exits_copies_and_trains(tmp_path):
     assert out['exit_layers'] == [1] * 5
 
 
-def test_tune_trains_only_the_exits(tmp_path):
+@pytest.fixture(scope='module')
+def tune_setup(tmp_path_factory):
+    """A byte-level corpus, a base model without exits, and the checkpoint with exits added."""
     import os
     import sys
-    import tune
+    d = tmp_path_factory.mktemp('tune')
     sys.path.insert(0, os.path.join(os.path.dirname(convert.__file__), 'data', 'text'))
     import prepare
-    (tmp_path / 'c.txt').write_text(open(convert.__file__).read() * 4)
-    prepare.main(['--input', str(tmp_path / 'c.txt'), '--out_dir', str(tmp_path / 'data')])
+    (d / 'c.txt').write_text(open(convert.__file__).read() * 4)
+    prepare.main(['--input', str(d / 'c.txt'), '--out_dir', str(d / 'data')])
     base = GPT(GPTConfig(arch='llama', n_layer=4, n_head=4, n_embd=32, vocab_size=256, block_size=32), seed=1)
-    train.save_checkpoint(str(tmp_path / 'base'), base, None, {}, 0, 0.0, data={'tokenizer': 'bytes'})
-    convert.add_exits(str(tmp_path / 'base'), str(tmp_path / 'ee'), [1, 2], exit_norm=True, exit_untie=True)
-    cfg = train.configure(tune.DEFAULTS, [f'--init_from={tmp_path / "ee"}', f'--out_dir={tmp_path / "tuned"}',
-                                         f'--dataset={tmp_path / "data"}', '--device=cpu', '--dtype=float32',
-                                         '--max_iters=40', '--eval_interval=40', '--eval_iters=4', '--batch_size=8',
-                                         '--learning_rate=1e-2', '--warmup_iters=2', '--log_interval=10'])
+    train.save_checkpoint(str(d / 'base'), base, None, {}, 0, 0.0, data={'tokenizer': 'bytes'})
+    convert.add_exits(str(d / 'base'), str(d / 'ee'), [1, 2], exit_norm=True, exit_untie=True)
+    args = [f'--init_from={d / "ee"}', f'--dataset={d / "data"}', '--device=cpu', '--dtype=float32',
+            '--max_iters=40', '--eval_interval=40', '--eval_iters=4', '--batch_size=8', '--learning_rate=1e-2',
+            '--warmup_iters=2', '--log_interval=10', '--gradient_accumulation_steps=2']
+    return d, args
+
+
+def test_tune_trains_only_the_exits(tune_setup, tmp_path):
+    import tune
+    d, args = tune_setup
+    cfg = train.configure(tune.DEFAULTS, args + [f'--out_dir={tmp_path / "tuned"}'])
     model = tune.tune(cfg)
     assert sorted(model.blocks) == ['0', '1'] and model.norm_f is None and model.lm_head is None  # never built
     evals = [json.loads(line) for line in open(tmp_path / 'tuned' / 'log.jsonl') if 'val_exit_losses' in line]
     for a, b in zip(evals[0]['val_exit_losses'], evals[-1]['val_exit_losses']):
         assert b < a - 0.3
     tuned, _ = train.load_model(str(tmp_path / 'tuned'))
-    before, _ = convert.load(str(tmp_path / 'ee'))
+    before, _ = convert.load(str(d / 'ee'))
     for (name, p), q in zip(tuned.logical_parameters(), before.parameters()):
         assert torch.equal(p, q) != name.startswith('exits.'), name  # backbone identical, exits trained
     out = generate.generate(tuned, [100, 101, 102], 6, 'recompute', thres=0.0)
     assert out['exit_layers'] == [1] * 6
-    cfg = dict(cfg, dynamic_weighting=True, max_iters=3, out_dir=str(tmp_path / 'dyn'))
-    tune.tune(cfg)
+    tune.tune(dict(cfg, dynamic_weighting=True, max_iters=3, out_dir=str(tmp_path / 'dyn')))
+
+
+@pytest.mark.parametrize('n, layout', [(4, ['--tp=2', '--pp=2']), (2, [])], ids=['pp2xtp2', 'dp2'])
+def test_tune_under_torchrun_matches_one_process(tune_setup, tmp_path, n, layout):
+    import subprocess
+    import sys
+    from test_parallel import ROOT, torchrun
+    d, args = tune_setup
+    one = subprocess.run([sys.executable, 'tune.py', f'--out_dir={tmp_path / "one"}'] + args, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    par = torchrun(n, [f'--out_dir={tmp_path / "par"}'] + args + layout, ROOT, 'tune.py')
+    assert par.returncode == 0, par.stderr[-3000:]
+    logs = [[json.loads(line) for line in open(tmp_path / r / 'log.jsonl')] for r in ('one', 'par')]
+    assert len(logs[0]) == len(logs[1])
+    for a, b in zip(*logs):
+        for k in ('exit_losses', 'val_exit_losses'):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-4), (a['iter'], k)
+    one_model, _ = train.load_model(str(tmp_path / 'one'))
+    par_model, _ = train.load_model(str(tmp_path / 'par'))
+    for (name, p), q in zip(one_model.logical_parameters(), par_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
