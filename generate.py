@@ -339,6 +339,103 @@ def generate_pipelined(model, prompt, max_new_tokens, thres=None, allowed=None, 
 
 
 # -----------------------------------------------------------------------------
+# the server: EE-LLM's (Megatron's) text-generation API, PUT /api
+
+MAX_REQUEST_BYTES = 1 << 20
+MAX_PROMPTS = 16
+FIELDS = {  # name: (types, check, what is allowed)
+    'prompts': (list, lambda v: 0 < len(v) <= MAX_PROMPTS and all(isinstance(p, str) and p for p in v),
+                f'a list of 1..{MAX_PROMPTS} non-empty strings'),
+    'tokens_to_generate': (int, lambda v: 0 <= v <= 4096, 'an int in 0..4096'),
+    'temperature': ((int, float), lambda v: 0 <= v <= 100, 'a number in 0..100 (0: greedy)'),
+    'top_k': (int, lambda v: v >= 0, 'an int >= 0 (0: off)'),
+    'top_p': ((int, float), lambda v: 0 <= v <= 1, 'a number in 0..1 (0: off)'),
+    'random_seed': (int, lambda v: v >= 0, 'an int >= 0'),
+    'logprobs': (bool, lambda v: True, 'true or false'),
+    'use_early_exit': (bool, lambda v: True, 'true or false'),
+    'early_exit_thres': ((int, float), lambda v: 0 <= v, 'a number >= 0'),
+    'exit_layers': (list, lambda v: all(isinstance(L, int) and not isinstance(L, bool) for L in v),
+                    "a list of the model's exit layers"),
+    'print_max_prob': (bool, lambda v: True, 'true or false'),
+}
+
+
+def api_request(model, encode, decode, body, eot=None):
+    """One /api request (raw bytes) -> (HTTP status, response dict). Bad input is a 400
+    whose message names the field and what is allowed."""
+    try:
+        req = _json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        return 400, {'error': f'the body is not JSON: {e}'}
+    if not isinstance(req, dict):
+        return 400, {'error': 'the body must be a JSON object'}
+    unknown = sorted(set(req) - set(FIELDS))
+    if unknown:
+        return 400, {'error': f'unknown field(s) {unknown}; allowed: {sorted(FIELDS)}'}
+    if 'prompts' not in req:
+        return 400, {'error': 'prompts is required'}
+    for k, v in req.items():
+        types, ok, allowed = FIELDS[k]
+        if isinstance(v, bool) and types is not bool or not isinstance(v, types) or not ok(v):
+            return 400, {'error': f'{k}={_json.dumps(v)[:100]} is not allowed: {k} must be {allowed}'}
+    cfg = model.config
+    index = {L: e for e, L in enumerate(cfg.exit_layers)}
+    bad = [L for L in req.get('exit_layers', []) if L not in index]
+    if bad:
+        return 400, {'error': f'exit_layers={bad} are not exits of this model; allowed: {list(cfg.exit_layers)}'}
+    n = req.get('tokens_to_generate', 64)
+    texts, segments, logprobs, max_probs = [], [], [], []
+    for prompt in req['prompts']:
+        ids = encode(prompt)
+        if len(ids) + n > cfg.block_size:
+            return 400, {'error': f'prompts: a prompt of {len(ids)} tokens + tokens_to_generate={n} exceeds '
+                                  f'the model\'s block_size={cfg.block_size}'}
+        top_k = req.get('top_k', 0)
+        out = generate(model, ids, n, 'recompute', req.get('early_exit_thres', 1.0) if req.get('use_early_exit')
+                       else None, [index[L] for L in req['exit_layers']] if 'exit_layers' in req else None,
+                       temperature=0.0 if top_k == 1 else req.get('temperature', 0.0), top_k=top_k or None,
+                       top_p=req.get('top_p') or None, seed=req.get('random_seed'), stop=eot) if n else \
+            {'tokens': [], 'logprobs': [], 'max_probs': []}
+        texts.append(decode(ids + out['tokens']))
+        segments.append([decode([t]) for t in ids + out['tokens']])
+        logprobs.append(out['logprobs'])
+        max_probs.append([{str(d): p for d, p in probs.items()} for probs in out['max_probs']])
+    resp = {'text': texts, 'segments': segments, 'logprobs': logprobs if req.get('logprobs') else None}
+    if req.get('print_max_prob'):
+        resp['max_probs'] = max_probs
+    return 200, resp
+
+
+def make_server(model, encode, decode, port, eot=None):
+    """A one-request-at-a-time HTTP server (the model and its cache are not shared)."""
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_PUT(self):
+            if self.path != '/api':
+                return self.reply(404, {'error': f'no such path {self.path}; use PUT /api'})
+            size = int(self.headers.get('Content-Length') or 0)
+            if size > MAX_REQUEST_BYTES:
+                return self.reply(400, {'error': f'the request has {size} bytes; at most {MAX_REQUEST_BYTES}'})
+            try:
+                self.reply(*api_request(model, encode, decode, self.rfile.read(size), eot))
+            except Exception as e:  # keep serving whatever one request does
+                self.reply(500, {'error': f'{type(e).__name__}: {e}'})
+
+        def reply(self, status, obj):
+            data = _json.dumps(obj).encode()
+            self.send_response(status)
+            self.send_header('Content-Type', 'application/json')
+            self.send_header('Content-Length', str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = HTTPServer(('', port), Handler)
+    print(f'serving PUT http://localhost:{server.server_port}/api')
+    return server
+
+
+# -----------------------------------------------------------------------------
 # the command line
 
 def tokenizer(meta, out_dir='.'):
