@@ -336,7 +336,6 @@ def pipeline_eval(model, x, y, ps, n_exits):
 
 
 if __name__ == '__main__':
-    sys.path.insert(0, '.')
     from train import configure  # the same --key=value parsing as the scripts
     args = configure({'pp': 4, 'microbatches': 8, 'fill_bubbles': False, 'fill_warmup': None, 'fill_cooldown': None,
                       'backward_forward_ratio': 2.0, 'schedule': '1f1b'}, sys.argv[1:])

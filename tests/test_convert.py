@@ -65,11 +65,21 @@ def test_from_hf_matches_transformers_and_round_trips(tmp_path, arch):
     again = type(hf).from_pretrained(tmp_path / 'back').eval()
     with torch.no_grad():
         assert torch.equal(again(idx).logits, want)
+    # the same weights as several safetensors shards with an index, and as pytorch_model.bin
+    hf.save_pretrained(tmp_path / 'sharded', max_shard_size='40KB')
+    assert (tmp_path / 'sharded' / 'model.safetensors.index.json').exists()
+    (tmp_path / 'bin').mkdir()
+    (tmp_path / 'bin' / 'config.json').write_text((tmp_path / 'hf' / 'config.json').read_text())
+    torch.save(hf.state_dict(), tmp_path / 'bin' / 'pytorch_model.bin')
+    for d in ('sharded', 'bin'):
+        convert.from_hf(str(tmp_path / d), str(tmp_path / f'ours-{d}'))
+        other, _ = convert.load(str(tmp_path / f'ours-{d}'))
+        for (n, p), q in zip(other.logical_parameters(), model.parameters()):
+            assert torch.equal(p, q), (d, n)
 
 
 def test_unsupported_configs_are_refused(tmp_path):
     hf = hf_models()['llama']
-    hf.config.rope_scaling = {'rope_type': 'linear', 'factor': 2.0}
     d = tmp_path / 'scaled'
     d.mkdir()
     cfg = hf.config.to_dict()
@@ -98,6 +108,11 @@ def test_add_exits_copies_and_trains(tmp_path):
         assert torch.equal(head.mlp_norm.weight, base.blocks[str(d - 1)].norm2.weight)
     for name, p in base.logical_parameters():
         assert torch.equal(dict(ee.logical_parameters())[name], p), name
+    convert.to_hf(str(tmp_path / 'ee'), str(tmp_path / 'hf'), keep_exits=False)  # exits dropped
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / 'hf').eval()
+    idx = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, base(idx)[0], rtol=1e-4, atol=1e-4)
     convert.add_exits(str(tmp_path / 'base'), str(tmp_path / 'blk'), [2], exit_block=True)
     blk, _ = convert.load(str(tmp_path / 'blk'))
     assert torch.equal(blk.exits['0'].block.attn.q.weight, base.blocks['3'].attn.q.weight)
