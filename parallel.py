@@ -1,7 +1,7 @@
 """
 Data, tensor and sequence parallelism written by hand over torch.distributed.
 
-    torchrun --nproc_per_node=4 train.py config/train_pystdlib.py --tp=2          # dp2 x tp2
+    torchrun --nproc_per_node=4 train.py config/train_pystdlib.py --tp=2 --gradient_accumulation_steps=2  # dp2 x tp2
     torchrun --nproc_per_node=2 train.py config/train_pystdlib.py --tp=2 --sp=True
 
 - Tensor parallelism (Megatron-LM, Shoeybi et al. 2019, arXiv 1909.08053): attention heads

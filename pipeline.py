@@ -2,7 +2,7 @@
 Pipeline parallelism for early-exit models: stages, schedules as data, 1F1B with
 early-exit backprop and bubble filling (EE-LLM, Chen et al. 2023, arXiv 2312.04916).
 
-    torchrun --nproc_per_node=4 train.py config/train_pystdlib.py --pp=4 --fill_bubbles
+    torchrun --nproc_per_node=4 train.py config/train_pystdlib.py --pp=2 --tp=2 --gradient_accumulation_steps=8 --fill_bubbles
     python pipeline.py --pp=4 --microbatches=8 --fill_bubbles       # draw the schedule
 
 A schedule is a pure function: for each stage, the ordered list of actions (forward or
