@@ -114,6 +114,8 @@ def tune(cfg):
     optimizer = train.make_optimizer(model, cfg, device_type)
     grads = GradSync(model.parameters(), ps)
     B, T, accum = cfg['batch_size'], mcfg.block_size, cfg['gradient_accumulation_steps']
+    if accum % ps.dp:
+        raise ValueError(f'gradient_accumulation_steps={accum} is not divisible by dp={ps.dp}')
     local = accum // ps.dp
     n_exits = len(mcfg.exit_layers)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
