@@ -18,7 +18,6 @@ import json
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -74,14 +73,13 @@ def main(args):
     ps = ParallelState(cfg_b['tp'], cfg_b['pp'], cfg_b['sp'])
     mcfg = GPTConfig(arch=cfg_b['arch'], exit_layers=cfg_b['exit_layers'], **SHAPES[cfg_b['shape']])
     cuda = dev.startswith('cuda')
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[cfg_b['dtype']]
-    ctx = torch.autocast('cuda' if cuda else 'cpu', dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
+    ctx = train.autocast('cuda' if cuda else 'cpu', cfg_b['dtype'])
     model, _ = build_stage(mcfg, ps, device=dev)
     cfg = dict(train.DEFAULTS, **{k: getattr(mcfg, k) for k in train.MODEL_KEYS}, device=dev, pp=ps.pp,
                batch_size=cfg_b['batch_size'], warmup_iters=0, fill_bubbles=cfg_b['fill_bubbles'])
     optimizer = train.make_optimizer(model, cfg, 'cuda' if cuda else 'cpu')
     grads = GradSync(model.parameters(), ps)
-    scaler = torch.amp.GradScaler('cuda' if cuda else 'cpu', enabled=False)
+    scaler = torch.amp.GradScaler('cuda' if cuda else 'cpu', enabled=cfg_b['dtype'] == 'float16')
     fwd = torch.compile(model) if cfg_b['compile'] else model
     data = np.random.default_rng(0).integers(0, mcfg.vocab_size, 2_000_000).astype(np.uint16)
     ceiling = matmul_tflops(dev) if cuda else None

@@ -312,26 +312,33 @@ def pipeline_forward_backward(model, grads, batch, w, accum, ctx, scaler, ps, mb
     return sums
 
 
+def stage_forward(model, x, ps):
+    """This stage's part of a forward-only pass over batch x (B, T): the embedding on the
+    first stage, else the previous stage's hidden states; this stage's blocks; the hidden
+    states on to the next stage. Returns (h, taps, rope) for the caller's heads."""
+    if model.first:
+        h, _ = model.embed(x)
+    else:
+        h = torch.empty((x.size(0), x.size(1) // ps.tp if ps.sp else x.size(1), model.config.n_embd),
+                        device=x.device, dtype=next(model.parameters()).dtype)
+        dist.recv(h, ps.stage_rank(ps.pp_rank - 1))
+    rope = model.rope(torch.arange(x.size(1), device=x.device))
+    h, taps = model.run_blocks(h, rope, exits=True)
+    if ps.pp_rank < ps.pp - 1:
+        dist.send(h.contiguous(), ps.stage_rank(ps.pp_rank + 1))
+    return h, taps, rope
+
+
 @torch.no_grad()
 def pipeline_eval(model, x, y, ps, n_exits):
     """Losses (final, exits...) of one batch through the stages in turn, each stage filling
     in its own (the caller sums over stages)."""
-    cfg, s = model.config, ps.pp_rank
     out = torch.zeros(1 + n_exits, device=x.device)
-    if model.first:
-        h, _ = model.embed(x)
-    else:
-        h = torch.empty((x.size(0), x.size(1) // ps.tp if ps.sp else x.size(1), cfg.n_embd), device=x.device,
-                        dtype=next(model.parameters()).dtype)
-        dist.recv(h, ps.stage_rank(s - 1))
-    rope = model.rope(torch.arange(x.size(1), device=x.device))
-    h, taps = model.run_blocks(h, rope, exits=True)
+    h, taps, rope = stage_forward(model, x, ps)
     for e, t in taps:
         out[1 + e] = model.loss(model.exit_logits(e, t, rope), y)
     if model.last:
         out[0] = model.loss(model.final_logits(h), y)
-    else:
-        dist.send(h.contiguous(), ps.stage_rank(s + 1))
     return out
 
 

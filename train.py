@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import GPT, GPTConfig
+from model import GPTConfig
 from parallel import LOCAL, GradSync, ParallelState, check_layout, clip_grad_norm_, init_distributed, local_range
 from pipeline import (build_stage, draw, exit_stages, fill_counts, microbatches, pipeline_eval,
                       pipeline_forward_backward, schedule, stage_layers)
@@ -485,6 +485,14 @@ def train_step(model, optimizer, grads, data, cfg, it, ctx, scaler, ps=LOCAL):
     return losses, lr, w, gnorm
 
 
+def autocast(device_type, dtype):
+    """The mixed-precision context for dtype 'float32' (none), 'bfloat16' or 'float16'."""
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(dtype)
+    if ptdtype is None:
+        raise ValueError(f"dtype={dtype!r}; allowed: 'float32', 'bfloat16', 'float16'")
+    return nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+
+
 # peak dense bf16 tensor FLOP/s, keyed by a substring of torch.cuda.get_device_name()
 PEAK_FLOPS = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L40S': 362e12, 'A10G': 125e12,
               'L4': 121e12, 'RTX 4090': 165e12, 'RTX 3090': 71e12, 'V100': 125e12, 'T4': 65e12}
@@ -508,10 +516,7 @@ def train(cfg):
     torchrun (dp x pp x tp). Returns the model (this rank's stage and shards)."""
     device = cfg['device'] = init_distributed(cfg['device'])
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(cfg['dtype'])
-    if ptdtype is None:
-        raise ValueError(f"dtype={cfg['dtype']!r}; allowed: 'float32', 'bfloat16', 'float16'")
-    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+    ctx = autocast(device_type, cfg['dtype'])
     data, data_meta = load_data(cfg['dataset'])
 
     if cfg['init_from'] == 'resume':
@@ -545,7 +550,7 @@ def train(cfg):
         if ps.is_main:
             print(f"resumed from {cfg['out_dir']} at step {iter_num} (saved as {ckpt.meta['layout']})")
     grads = GradSync(model.parameters(), ps)
-    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
+    scaler = torch.amp.GradScaler(device_type, enabled=cfg['dtype'] == 'float16')
     fwd = torch.compile(model) if cfg['compile'] else model
     T = cfg['block_size']
     tokens_per_step = cfg['batch_size'] * cfg['gradient_accumulation_steps'] * T

@@ -21,7 +21,6 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -29,7 +28,7 @@ import torch.distributed as dist
 import train
 from model import GPT, GPTConfig
 from parallel import GradSync, ParallelState, clip_grad_norm_, init_distributed
-from pipeline import stage_layers
+from pipeline import stage_forward, stage_layers
 
 DEFAULTS = dict(train.DEFAULTS, init_from='', out_dir='out-tuned', dynamic_weighting=False, max_iters=500,
                 learning_rate=1e-3, min_lr=1e-4, warmup_iters=20, eval_interval=100, log_interval=20)
@@ -40,17 +39,7 @@ def exit_objective(model, x, y, w, dynamic, ps):
     states come from the previous stage and go on to the next (no gradient crosses stages:
     every trainable parameter sits behind its own exit). Returns (objective, {exit: CE})."""
     with torch.no_grad():
-        pos = torch.arange(x.size(1), device=x.device)
-        if model.first:
-            h, _ = model.embed(x)
-        else:
-            h = torch.empty((x.size(0), x.size(1), model.config.n_embd), device=x.device,
-                            dtype=next(model.parameters()).dtype)
-            dist.recv(h, ps.stage_rank(ps.pp_rank - 1))
-        rope = model.rope(pos)
-        h, taps = model.run_blocks(h, rope, exits=True)
-        if ps.pp_rank < ps.pp - 1:
-            dist.send(h.contiguous(), ps.stage_rank(ps.pp_rank + 1))
+        _, taps, rope = stage_forward(model, x, ps)
     total, ces = 0.0, {}
     for e, h in taps:
         logits = model.exit_logits(e, h, rope)
@@ -91,8 +80,9 @@ def save_tuned(out_dir, src, model, optimizer, cfg, it, data, ps):
 def tune(cfg):
     device = cfg['device'] = init_distributed(cfg['device'])
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[cfg['dtype']]
-    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+    if cfg['dtype'] == 'float16':
+        raise ValueError("dtype='float16' needs loss scaling, which tune.py does not do; use 'bfloat16'")
+    ctx = train.autocast(device_type, cfg['dtype'])
     if not cfg['init_from']:
         raise ValueError('init_from: give the checkpoint directory with exits to tune (convert.py add_exits makes one)')
     src = train.Checkpoint(cfg['init_from'])

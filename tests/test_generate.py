@@ -9,7 +9,6 @@ import generate
 import train
 from model import GPT, GPTConfig
 from parallel import LOCAL, GradSync, ParallelState
-import os
 import subprocess
 import sys
 
