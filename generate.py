@@ -7,6 +7,7 @@ Generate from a trained checkpoint, with KV-cached early exit.
     torchrun --nproc_per_node=2 generate.py --out_dir=out-pystdlib --tp=2 --early_exit_thres=0.8
     torchrun --nproc_per_node=2 generate.py --out_dir=out-pystdlib --pp=2 --method=pipeline --early_exit_thres=0.8
     python generate.py --out_dir=out-pystdlib --serve --port=5000     # PUT /api, EE-LLM's fields
+    torchrun --nproc_per_node=2 generate.py --out_dir=out-pystdlib --tp=2 --layer_parallel=[2,4]
 
 Methods:
 - full: every token runs every layer (static KV cache, one-token decode).
@@ -22,6 +23,10 @@ Methods:
   with the exit spec_exit, then verify them with the remaining layers in one forward that
   reuses the draft's KV of the shared layers. Greedy output is exactly the full model's;
   with sampling, the accept/reject rule keeps the full model's distribution.
+
+Any method runs with --layer_parallel=[start,end): those blocks run in side-by-side pairs
+(model.Block), which at tp=2 halves the all-reduces of the span; a checkpoint tuned for
+pairs (tune.py) runs with its own span by default.
 """
 
 import json as _json  # (json is a key below)
@@ -56,6 +61,7 @@ print_max_prob = False          # print each token's confidence at every exit it
 json = False                    # end with one JSON line (tokens, exit layers, text, tokens/s)
 tp = 1                          # tensor-parallel ranks (under torchrun)
 pp = 1                          # pipeline stages (under torchrun; method='pipeline')
+layer_parallel = None           # [start, end): run these blocks in parallel pairs; None: as saved
 serve = False                   # answer PUT /api (EE-LLM's request fields) instead of one prompt
 port = 5000
 # -----------------------------------------------------------------------------
@@ -123,7 +129,10 @@ class Decoder:
         self.hidden[t] = x
         probs = {}
         h, start = None, t + 1  # h (1, t+1-start, C): positions start..t at the current depth
-        for i in range(stop_depth or self.L):
+        for k, block in m.blocks.items():
+            i, d = int(k), int(k) + block.width  # blocks i..d-1 (a layer-parallel pair: 2), depth d after
+            if stop_depth is not None and i >= stop_depth:
+                break
             # positions that need block i form a suffix (done never increases along positions);
             # the ones stopped at depth i join the chunk here with their saved hidden states
             joined = start
@@ -131,20 +140,20 @@ class Decoder:
                 start -= 1
             h = torch.cat([self.hidden.pop(p) for p in range(start, joined)] + ([] if h is None else [h]), dim=1)
             pos = torch.arange(start, t + 1, device=dev)
-            h = m.blocks[str(i)](h, m.rope(pos), pos)
+            h = block(h, m.rope(pos), pos)
             for p in range(start, t + 1):
-                self.done[p] = i + 1
-            e = self.exit_at.get(i + 1)
-            if e is None or not (e in allowed or stop_depth == i + 1):
+                self.done[p] = d
+            e = self.exit_at.get(d)
+            if e is None or not (e in allowed or stop_depth == d):
                 continue  # (an exit that may not fire is never computed)
             # an exit with a block keeps a KV cache: run it for every position passing here
             sel = slice(None) if m.exits[str(e)].block is not None else slice(-1, None)
             logits = full_vocab(m, m.exit_logits(e, h[:, sel], m.rope(pos[sel]), pos[sel])[:, -1])
             p_max = logits.float().softmax(-1).max().item()
-            probs[i + 1] = p_max
-            if p_max >= thres or stop_depth == i + 1:
+            probs[d] = p_max
+            if p_max >= thres or stop_depth == d:
                 self._park(h, start, t)
-                return pick(logits), i + 1, probs, logits
+                return pick(logits), d, probs, logits
         logits = full_vocab(m, m.final_logits(h[:, -1:])[:, -1])
         return pick(logits), self.L, probs, logits
 
@@ -203,8 +212,9 @@ def generate(model, prompt, max_new_tokens, method='full', thres=None, allowed=N
             start, t = n - 1, n + spec_k - 2
             h = torch.cat([dec.hidden.pop(p) for p in range(start, t + 1)], dim=1)
             pos = torch.arange(start, t + 1, device=h.device)
-            for i in range(d, cfg.n_layer):
-                h = model.blocks[str(i)](h, model.rope(pos), pos)
+            for k, block in model.blocks.items():
+                if int(k) >= d:
+                    h = block(h, model.rope(pos), pos)
             full = full_vocab(model, model.final_logits(h))[0]  # (k, V): the full model's next token after each position
             del dec.done[start:]
             dec.done += [cfg.n_layer] * (t - start + 1)
@@ -266,12 +276,13 @@ def generate_pipelined(model, prompt, max_new_tokens, thres=None, allowed=None, 
         choice = None
         for i, block in model.blocks.items():
             h = block(h, rope, pos)
-            for e in model.exits_after.get(int(i), ()):
+            d = int(i) + block.width  # the depth after this block (or pair)
+            for e in model.exits_after.get(d - 1, ()):
                 fires = not decided and choice is None and e in allowed
                 if model.exits[str(e)].block is not None or fires:
                     logits = full_vocab(model, model.exit_logits(e, h, rope, pos)[:, -1])
                     if fires and logits.float().softmax(-1).max().item() >= thres:
-                        choice = (pick(logits), int(i) + 1, logits)
+                        choice = (pick(logits), d, logits)
         return h, choice
 
     n0, C = len(prompt) - 1, cfg.n_embd
@@ -468,7 +479,7 @@ def main(args):
     if (ps.pp > 1) != (cfg['method'] == 'pipeline'):
         sys.exit(f"method=pipeline runs with pp > 1 (under torchrun) and pp > 1 only with it; got "
                  f"method={cfg['method']!r}, pp={ps.pp}")
-    model, ckpt = load_model(cfg['out_dir'], ps, dev)
+    model, ckpt = load_model(cfg['out_dir'], ps, dev, layer_parallel=cfg['layer_parallel'])
     model.eval()
     say = print if ps.is_main else (lambda *a, **k: None)
     mc = model.config

@@ -49,6 +49,8 @@ class GPTConfig:
     exit_norm: bool = False        # a norm before the exit's output matrix
     exit_mlp: bool = False         # a residual MLP (with its own pre-norm) before that
     exit_block: bool = False       # a whole transformer block before that
+    # layer parallelism: blocks start..end-1 run in pairs side by side (see Block)
+    layer_parallel: tuple = ()     # (start, end) 0-based, even span; () for none
 
     def __post_init__(self):
         def check(ok, msg):
@@ -87,10 +89,26 @@ class GPTConfig:
               f'exit_layers={list(self.exit_layers)} must be increasing')
         check(not (self.exit_mlp and self.exit_block),
               'exit_mlp=True and exit_block=True are exclusive (a block already holds an MLP)')
+        self.layer_parallel = tuple(self.layer_parallel or ())
+        if self.layer_parallel:
+            lp = self.layer_parallel
+            check(len(lp) == 2 and all(isinstance(i, int) for i in lp) and 0 <= lp[0] < lp[1] <= self.n_layer
+                  and (lp[1] - lp[0]) % 2 == 0,
+                  f'layer_parallel={list(lp)}; need [start, end) block indices, 0 <= start < end <= '
+                  f'n_layer={self.n_layer}, with an even span end - start')
+            for L, d in zip(self.exit_layers, self.exit_depths):
+                check(not (lp[0] < d < lp[1] and (d - lp[0]) % 2),
+                      f'exit_layers contains {L}, which reads the output of block {d - 1}, inside the parallel '
+                      f'pair ({d - 1}, {d}) of layer_parallel={list(lp)}; exits may sit only between pairs')
 
     @property
     def head_dim(self):
         return self.n_embd // self.n_head
+
+    @property
+    def pairs(self):
+        """First blocks of the layer-parallel pairs."""
+        return range(*self.layer_parallel, 2) if self.layer_parallel else range(0)
 
     @property
     def exit_depths(self):
@@ -136,15 +154,16 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg, ps):
+    def __init__(self, cfg, ps, width=1):
         super().__init__()
-        # heads are split over the tensor-parallel ranks (this rank's counts below)
-        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head // ps.tp, cfg.n_kv_head // ps.tp, cfg.head_dim
+        # width layers' heads side by side, split over the tensor-parallel ranks (this rank's counts)
+        nh, nkv, hd = width * cfg.n_head, width * cfg.n_kv_head, cfg.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = nh // ps.tp, nkv // ps.tp, hd
         self.ps = ps
-        self.q = ColumnLinear(cfg.n_embd, cfg.n_head * cfg.head_dim, cfg.bias, ps)
-        self.k = ColumnLinear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, cfg.bias, ps)
-        self.v = ColumnLinear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, cfg.bias, ps)
-        self.o = RowLinear(cfg.n_head * cfg.head_dim, cfg.n_embd, cfg.bias, ps)
+        self.q = ColumnLinear(cfg.n_embd, nh * hd, cfg.bias, ps)
+        self.k = ColumnLinear(cfg.n_embd, nkv * hd, cfg.bias, ps)
+        self.v = ColumnLinear(cfg.n_embd, nkv * hd, cfg.bias, ps)
+        self.o = RowLinear(nh * hd, cfg.n_embd, cfg.bias, ps)
         self.o.residual = True  # scaled init
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
@@ -176,12 +195,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg, ps):
+    def __init__(self, cfg, ps, width=1):
         super().__init__()
         self.llama, self.ps = cfg.arch == 'llama', ps
-        self.up = ColumnLinear(cfg.n_embd, cfg.ffn_hidden, cfg.bias, ps)
-        self.gate = ColumnLinear(cfg.n_embd, cfg.ffn_hidden, cfg.bias, ps) if self.llama else None
-        self.down = RowLinear(cfg.ffn_hidden, cfg.n_embd, cfg.bias, ps)
+        hidden = width * cfg.ffn_hidden  # width layers' hidden units side by side
+        self.up = ColumnLinear(cfg.n_embd, hidden, cfg.bias, ps)
+        self.gate = ColumnLinear(cfg.n_embd, hidden, cfg.bias, ps) if self.llama else None
+        self.down = RowLinear(hidden, cfg.n_embd, cfg.bias, ps)
         self.down.residual = True
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -195,10 +215,20 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, ps):
+    """A pre-norm transformer block. width=2: a layer-parallel pair of blocks i, j = i+1
+    (Calvo Gonzalez et al. 2025, arXiv 2502.02790) that run side by side on one input,
+        h = x + attn_i(norm1_i(x)) + attn_j(norm1_j(x)),  y = h + mlp_i(norm2_i(h)) + mlp_j(norm2_j(h)).
+    With each norm's gain (and bias) folded into the matmuls that read it (pair_tensor), a
+    pair is exactly one block with both layers' heads and hidden units side by side, and
+    norms without affine. Tensor parallelism then splits it as usual: at tp=2 each rank
+    holds one layer's attention (and KV cache) and one layer's MLP, and the pair costs 2
+    all-reduces instead of 4; at tp=4 each layer's heads span 2 ranks."""
+
+    def __init__(self, cfg, ps, width=1):
         super().__init__()
-        self.norm1, self.attn = Norm(cfg), Attention(cfg, ps)
-        self.norm2, self.mlp = Norm(cfg), MLP(cfg, ps)
+        self.width = width
+        self.norm1, self.attn = Norm(cfg), Attention(cfg, ps, width)
+        self.norm2, self.mlp = Norm(cfg), MLP(cfg, ps, width)
 
     def forward(self, x, rope=None, input_pos=None):
         x = x + self.attn(self.norm1(x), rope, input_pos)
@@ -254,7 +284,12 @@ class GPT(nn.Module):
         self.wte = VocabEmbedding(cfg.vocab_size, cfg.n_embd, ps) if self.first else None
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.arch == 'gpt2' and self.first else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleDict({str(i): Block(cfg, ps) for i in layers})
+        for i in cfg.pairs:
+            if (i in layers) != (i + 1 in layers):
+                raise ValueError(f'layer_parallel pair ({i}, {i + 1}) is split between pipeline stages '
+                                 f'(this one holds blocks {min(layers)}..{max(layers)}); move the boundary')
+        self.blocks = nn.ModuleDict({str(i): Block(cfg, ps, 2 if i in cfg.pairs else 1)
+                                     for i in layers if i - 1 not in cfg.pairs})  # a pair under its first index
         self.norm_f = Norm(cfg) if self.last else None
         needs_head = self.last or (mine and not cfg.exit_untie)  # exits share the LM head's matrix
         self.lm_head = ColumnLinear(cfg.n_embd, cfg.vocab_size, False, ps) if needs_head else None
@@ -371,7 +406,7 @@ class GPT(nn.Module):
         for i, block in self.blocks.items():
             x = block(x, rope, input_pos)
             if exits:
-                taps += [(e, x) for e in self.exits_after.get(int(i), ())]
+                taps += [(e, x) for e in self.exits_after.get(int(i) + block.width - 1, ())]
         return x, taps
 
     def forward(self, idx, targets=None, exits=False, input_pos=None):
@@ -388,3 +423,24 @@ class GPT(nn.Module):
         if targets is None:
             return logits, outs
         return self.loss(logits, targets), [self.loss(lg, targets) for lg in outs]
+
+
+def pair_tensor(get, cfg, i, name):
+    """Logical tensor `name` (e.g. 'attn.q.weight') of the layer-parallel pair (i, i+1) from
+    get(full name) -> a tensor of the ordinary model. Each norm's gain g and bias b move into
+    the matmuls that read it, W (n(x) g + b) + c = (W g) n(x) + (W b + c), so the pair's
+    norms have none; output projections read both layers' heads (hidden units) and add."""
+    part, kind = name.rsplit('.', 1)                    # 'attn.q', 'weight'
+    a, b = f'blocks.{i}.', f'blocks.{i + 1}.'
+    if part in ('norm1', 'norm2'):
+        return (torch.ones_like if kind == 'weight' else torch.zeros_like)(get(a + name))
+    if part in ('attn.o', 'mlp.down'):
+        return torch.cat([get(a + name), get(b + name)], 1) if kind == 'weight' else get(a + name) + get(b + name)
+    norm = 'norm1.' if part.startswith('attn.') else 'norm2.'
+
+    def fold(p):
+        W = get(p + part + '.weight').double()
+        if kind == 'weight':
+            return W * get(p + norm + 'weight').double()
+        return get(p + name).double() + (W @ get(p + norm + 'bias').double() if cfg.arch == 'gpt2' else 0)
+    return torch.cat([fold(a), fold(b)], 0)

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import GPTConfig
-from parallel import LOCAL, GradSync, ParallelState, check_layout, clip_grad_norm_, init_distributed, local_range
+from model import GPTConfig, pair_tensor
+from parallel import (LOCAL, GradSync, ParallelState, check_layout, clip_grad_norm_, init_distributed, local_range,
+                      take_shard)
 from pipeline import (build_stage, draw, exit_stages, fill_counts, microbatches, pipeline_eval,
                       pipeline_forward_backward, schedule, stage_layers)
 
@@ -327,12 +328,22 @@ class Checkpoint:
                                            weights_only=True)
         return self.files[fname]
 
-    def read(self, kind, name, p, ps):
+    def _entry(self, name, shape=None):
         e = self.meta['tensors'].get(name)
-        logical = list(getattr(p, 'logical_shape', p.shape))
-        if e is None or e['shape'] != logical:
+        if e is None or shape not in (None, e['shape']):
             raise RuntimeError(f'checkpoint {self.path}: tensor {name} is '
-                               f"{'missing' if e is None else e['shape']}, the model wants {logical}")
+                               f"{'missing' if e is None else e['shape']}, the model wants {shape}")
+        return e
+
+    def whole(self, name, kind='param'):
+        """The whole logical tensor `name`, its pieces concatenated."""
+        e = self._entry(name)
+        parts = [self._file(f)[kind][name] for f, _, _ in sorted(e['pieces'], key=lambda q: q[1] or 0)]
+        return parts[0] if e['dim'] is None else torch.cat(parts, e['dim'])
+
+    def read(self, kind, name, p, ps):
+        logical = list(getattr(p, 'logical_shape', p.shape))
+        e = self._entry(name, logical)
         dim, pieces = e['dim'], e['pieces']
         if dim is None:  # saved whole (replicated, or written by one process)
             dim = getattr(p, 'tp_dim', None)
@@ -350,9 +361,20 @@ class Checkpoint:
         return out
 
     def load_into(self, model, optimizer=None, ps=LOCAL):
-        """Copy this rank's shards into the model (and the AdamW state into the optimizer)."""
+        """Copy this rank's shards into the model (and the AdamW state into the optimizer).
+        A model with layer_parallel pairs that the checkpoint runs one after the other gets
+        them re-laid out here (model.pair_tensor)."""
+        cfg, saved = model.config, tuple(self.meta['model_config'].get('layer_parallel') or ())
+        if saved and saved != cfg.layer_parallel:
+            raise ValueError(f'checkpoint {self.path} was tuned to run with layer_parallel={list(saved)}; '
+                             f'asked for {list(cfg.layer_parallel) or "none"}')
+        to_pair = set() if saved else {str(i) for i in cfg.pairs}
         with torch.no_grad():
             for name, p in model.logical_parameters():
+                where = name.split('.', 2)  # 'blocks', index, rest
+                if where[0] == 'blocks' and where[1] in to_pair:
+                    p.copy_(take_shard(pair_tensor(self.whole, cfg, int(where[1]), where[2]), p, ps))
+                    continue  # (a new tensor: no optimizer state)
                 p.copy_(self.read('param', name, p, ps))
                 saved = self._file(self.meta['tensors'][name]['pieces'][0][0])['exp_avg']
                 if optimizer is not None and p.requires_grad and name in saved:  # (converted: no moments)
@@ -369,10 +391,14 @@ class Checkpoint:
                 torch.cuda.set_rng_state(states['cuda'])
 
 
-def load_model(out_dir, ps=LOCAL, device='cpu', pp_layers=None):
-    """A trained model (this rank's stage) from out_dir, in any layout. Returns (model, Checkpoint)."""
+def load_model(out_dir, ps=LOCAL, device='cpu', pp_layers=None, layer_parallel=None):
+    """A trained model (this rank's stage) from out_dir, in any layout. Returns (model, Checkpoint).
+    layer_parallel: [start, end) to run in parallel pairs ([] none; None: as saved)."""
     ckpt = Checkpoint(out_dir)
-    model, _ = build_stage(GPTConfig(**ckpt.meta['model_config']), ps, pp_layers, device=device)
+    mc = ckpt.meta['model_config']
+    if layer_parallel is not None:
+        mc = dict(mc, layer_parallel=layer_parallel)
+    model, _ = build_stage(GPTConfig(**mc), ps, pp_layers, device=device)
     ckpt.load_into(model, ps=ps)
     return model, ckpt
 
