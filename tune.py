@@ -1,19 +1,25 @@
 """
-EE-Tuning (Pan et al. 2024, arXiv 2402.00518): train only the exit heads of an early-exit
-checkpoint, on a frozen backbone.
+Tuning on a frozen pretrained model, two kinds:
+- EE-Tuning (Pan et al. 2024, arXiv 2402.00518): train only the exit heads.
+- Layer-pair fine-tuning (arXiv 2502.02790, section 5): with --layer_parallel=[start,end),
+  train only the blocks that now run in parallel pairs, on the full model's objective
+  (final CE + weighted exit CEs), to win back what pairing cost.
 
     python convert.py add_exits --src=out-base --dst=out-ee --exit_layers=[2,4] --exit_norm
     python tune.py config/tune_pystdlib.py --init_from=out-ee --out_dir=out-ee-tuned
     torchrun --nproc_per_node=4 tune.py config/tune_pystdlib.py --init_from=out-ee --out_dir=out-ee-tuned --tp=2 --pp=2
     python generate.py --out_dir=out-ee-tuned --early_exit_thres=0.8 --show_exits
+    python tune.py config/tune_pystdlib.py --init_from=out-pystdlib --out_dir=out-pairs --layer_parallel=[2,4]
 
-Only the embedding, the blocks up to the deepest exit and the exits are built and loaded:
-the layers past the deepest exit are never allocated (EE-Tuning's "load only the first
-stages", automatic); with pp > 1 those blocks are split into stages, which pass hidden
-states forward only, since every trainable parameter sits behind its own exit. The backbone runs under no_grad; the objective is
-sum_e w_e * exit_CE_e, or with dynamic_weighting each token's exit loss scaled by that
-exit's detached confidence (its max probability). The tuned checkpoint holds the tuned
-exits and the source's backbone files, copied byte for byte, so generate.py uses it as is.
+EE-Tuning builds and loads only the embedding, the blocks up to the deepest exit and the
+exits: the layers past the deepest exit are never allocated (EE-Tuning's "load only the
+first stages", automatic); with pp > 1 those blocks are split into stages, which pass
+hidden states forward only, since every trainable parameter sits behind its own exit. The
+backbone runs under no_grad; the objective is sum_e w_e * exit_CE_e, or with
+dynamic_weighting each token's exit loss scaled by that exit's detached confidence (its
+max probability). The tuned checkpoint holds the tuned tensors and the source's other
+files, copied byte for byte, so generate.py uses it as is. A pair-tuned checkpoint holds
+its pairs as the wide blocks they became and always runs with its layer_parallel.
 """
 
 import json
@@ -57,6 +63,13 @@ def exit_objective(model, x, y, w, dynamic, ps):
     return total, ces
 
 
+def pair_objective(model, x, y, w):
+    """The training objective of the whole model (pairs included). Returns (objective,
+    {0: final CE, 1 + e: exit e's CE})."""
+    total, loss, exit_losses = train.weighted_loss(model, x, y, w)
+    return total, {i: ce.detach().float() for i, ce in enumerate([loss, *exit_losses])}
+
+
 def save_tuned(out_dir, src, model, optimizer, cfg, it, data, ps):
     """The tuned tensors, plus the source checkpoint's files for everything not built here."""
     train.save_checkpoint(out_dir, model, optimizer, cfg, it, float('inf'), ps, data)
@@ -86,20 +99,38 @@ def tune(cfg):
     if not cfg['init_from']:
         raise ValueError('init_from: give the checkpoint directory with exits to tune (convert.py add_exits makes one)')
     src = train.Checkpoint(cfg['init_from'])
-    mcfg = GPTConfig(**src.meta['model_config'])
-    if not mcfg.exit_layers:
-        raise ValueError(f"{cfg['init_from']} has no exits; add them with convert.py add_exits")
+    pairs = tuple(cfg['layer_parallel'] or ())
+    mcfg = GPTConfig(**dict(src.meta['model_config'], **({'layer_parallel': pairs} if pairs else {})))
+    if not (mcfg.exit_layers or pairs):
+        raise ValueError(f"{cfg['init_from']} has no exits; add them with convert.py add_exits "
+                         '(or give layer_parallel to fine-tune layer pairs)')
     data, data_meta = train.load_data(cfg['dataset'])
     if cfg['sp']:
         raise ValueError('sp: tune.py runs without sequence parallelism')
     ps = ParallelState(cfg['tp'], cfg['pp'])
-    depth = max(mcfg.exit_depths)
-    layers = stage_layers(depth, ps.pp, cfg['pp_layers'])[ps.pp_rank]  # the stages up to the deepest exit
     torch.manual_seed(cfg['seed'] + ps.dp_rank)
-    model = GPT(mcfg, ps, cfg['seed'], layers=layers).to(device)  # nothing past the deepest exit
+    n_exits = len(mcfg.exit_layers)
+    if pairs:  # the whole model; the pairs learn through every block after them
+        if ps.pp > 1:
+            raise ValueError('layer_parallel: tune.py fine-tunes pairs with pp=1')
+        model = GPT(mcfg, ps, cfg['seed']).to(device)
+        learns = lambda name: name.split('.')[0] == 'blocks' and int(name.split('.')[1]) in mcfg.pairs
+        names = 'losses (final, exits)'
+        objective = lambda x, y, w: pair_objective(model, x, y, w)
+        what = f'the layer-parallel pairs of blocks {mcfg.layer_parallel[0]}..{mcfg.layer_parallel[1] - 1}'
+    else:
+        depth = max(mcfg.exit_depths)
+        layers = stage_layers(depth, ps.pp, cfg['pp_layers'])[ps.pp_rank]  # the stages up to the deepest exit
+        model = GPT(mcfg, ps, cfg['seed'], layers=layers).to(device)  # nothing past the deepest exit
+        learns = lambda name: name.startswith('exits.')
+        names = 'exit losses'
+        objective = lambda x, y, w: exit_objective(model, x, y, w, cfg['dynamic_weighting'], ps)
+        what = (f'exit parameters (stage 0) on a frozen backbone of blocks 0..{depth - 1} (of {mcfg.n_layer}; '
+                f'blocks {depth}..{mcfg.n_layer - 1} are never built)')
     src.load_into(model, ps=ps)
     for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith('exits.'))
+        p.requires_grad_(learns(name))
+    n_losses = n_exits + bool(pairs)
     cfg = dict(cfg, **{k: getattr(mcfg, k) for k in train.MODEL_KEYS})
     optimizer = train.make_optimizer(model, cfg, device_type)
     grads = GradSync(model.parameters(), ps)
@@ -107,11 +138,9 @@ def tune(cfg):
     if accum % ps.dp:
         raise ValueError(f'gradient_accumulation_steps={accum} is not divisible by dp={ps.dp}')
     local = accum // ps.dp
-    n_exits = len(mcfg.exit_layers)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say = print if ps.is_main else (lambda *a, **k: None)
-    say(f"tuning {trainable / 1e6:.3f}M exit parameters (stage 0) on a frozen backbone of blocks 0..{depth - 1} "
-        f"(of {mcfg.n_layer}; blocks {depth}..{mcfg.n_layer - 1} are never built), {str(ps).split(' rank')[0]}")
+    say(f"tuning {trainable / 1e6:.3f}M {what}, {str(ps).split(' rank')[0]}")
     if ps.is_main:
         os.makedirs(cfg['out_dir'], exist_ok=True)
     log = open(os.path.join(cfg['out_dir'], 'log.jsonl'), 'a') if ps.is_main else None
@@ -123,12 +152,12 @@ def tune(cfg):
 
     def val_losses():
         model.eval()
-        tot = torch.zeros(n_exits, device=device)
+        tot = torch.zeros(n_losses, device=device)
         for k in range(ps.dp_rank, cfg['eval_iters'], ps.dp):
             offs = train.batch_offsets(len(data['val']), T, B, cfg['seed'], -1 - k, 'val')
             x, y = train.get_batch(data['val'], offs, T, device)
             with ctx, torch.no_grad():
-                for e, ce in exit_objective(model, x, y, [1.0] * n_exits, False, ps)[1].items():
+                for e, ce in objective(x, y, [1.0] * n_exits)[1].items():
                     tot[e] += ce
         reduce(tot)
         model.train()
@@ -138,9 +167,9 @@ def tune(cfg):
     for it in range(cfg['max_iters'] + 1):
         if it % cfg['eval_interval'] == 0 or it == cfg['max_iters']:
             v = val_losses()
-            say(f'step {it}: val exit losses {train.fmt_losses(v)}')
+            say(f'step {it}: val {names} {train.fmt_losses(v)}')
             if log:
-                log.write(json.dumps({'iter': it, 'val_exit_losses': v}) + '\n')
+                log.write(json.dumps({'iter': it, 'val_losses': v}) + '\n')
                 log.flush()
         if it == cfg['max_iters']:
             break
@@ -149,13 +178,13 @@ def tune(cfg):
             g['lr'] = lr
         w = train.exit_weights(it, cfg, n_exits)
         offsets = train.batch_offsets(len(data['train']), T, B * accum, cfg['seed'], it, 'train')
-        sums = torch.zeros(n_exits, device=device)
+        sums = torch.zeros(n_losses, device=device)
         for m in range(local):
             k = ps.dp_rank * local + m
             x, y = train.get_batch(data['train'], offsets[k * B:(k + 1) * B], T, device)
             grads.sync = m == local - 1
             with ctx:
-                obj, ces = exit_objective(model, x, y, w, cfg['dynamic_weighting'], ps)
+                obj, ces = objective(x, y, w)
             if ces:
                 (obj / accum).backward()
             for e, ce in ces.items():
@@ -168,10 +197,10 @@ def tune(cfg):
         if it % cfg['log_interval'] == 0:
             reduce(sums)
             dt = (time.time() - t0) / (1 if it == 0 else cfg['log_interval'])
-            say(f'iter {it}: exit losses {train.fmt_losses(sums.tolist())} lr {lr:.2e} {dt * 1000:.1f} ms '
+            say(f'iter {it}: {names} {train.fmt_losses(sums.tolist())} lr {lr:.2e} {dt * 1000:.1f} ms '
                 f'{B * accum * T / dt:,.0f} tok/s')
             if log:
-                log.write(json.dumps({'iter': it, 'exit_losses': sums.tolist(), 'lr': lr, 'ms': dt * 1000}) + '\n')
+                log.write(json.dumps({'iter': it, 'losses': sums.tolist(), 'lr': lr, 'ms': dt * 1000}) + '\n')
                 log.flush()
             t0 = time.time()
     save_tuned(cfg['out_dir'], src, model, optimizer, cfg, cfg['max_iters'], src.meta.get('data') or data_meta, ps)

@@ -145,8 +145,8 @@ def test_tune_trains_only_the_exits(tune_setup, tmp_path):
     cfg = train.configure(tune.DEFAULTS, args + [f'--out_dir={tmp_path / "tuned"}'])
     model = tune.tune(cfg)
     assert sorted(model.blocks) == ['0', '1'] and model.norm_f is None and model.lm_head is None  # never built
-    evals = [json.loads(line) for line in open(tmp_path / 'tuned' / 'log.jsonl') if 'val_exit_losses' in line]
-    for a, b in zip(evals[0]['val_exit_losses'], evals[-1]['val_exit_losses']):
+    evals = [json.loads(line) for line in open(tmp_path / 'tuned' / 'log.jsonl') if 'val_losses' in line]
+    for a, b in zip(evals[0]['val_losses'], evals[-1]['val_losses'], strict=True):
         assert b < a - 0.3
     tuned, _ = train.load_model(str(tmp_path / 'tuned'))
     before, _ = convert.load(str(d / 'ee'))
@@ -155,6 +155,25 @@ def test_tune_trains_only_the_exits(tune_setup, tmp_path):
     out = generate.generate(tuned, [100, 101, 102], 6, 'recompute', thres=0.0)
     assert out['exit_layers'] == [1] * 6
     tune.tune(dict(cfg, dynamic_weighting=True, max_iters=3, out_dir=str(tmp_path / 'dyn')))
+
+
+def test_pair_tuning_trains_only_the_pairs(tune_setup, tmp_path):
+    import tune
+    d, args = tune_setup
+    args = [a.replace(str(d / 'ee'), str(d / 'base')) for a in args] + [f'--out_dir={tmp_path / "pairs"}']
+    model = tune.tune(train.configure(tune.DEFAULTS, args + ['--layer_parallel=[2,4]']))
+    assert [b.width for b in model.blocks.values()] == [1, 1, 2]
+    evals = [json.loads(line) for line in open(tmp_path / 'pairs' / 'log.jsonl') if 'val_losses' in line]
+    assert evals[-1]['val_losses'][0] < evals[0]['val_losses'][0] - 0.3  # the final loss recovers
+    with pytest.raises(ValueError, match='tuned to run with layer_parallel=.2, 4.'):
+        train.load_model(str(tmp_path / 'pairs'), layer_parallel=[])
+    tuned, _ = train.load_model(str(tmp_path / 'pairs'))  # runs with its pairs by default
+    assert tuned.config.layer_parallel == (2, 4)
+    paired, _ = train.load_model(str(d / 'base'), layer_parallel=[2, 4])
+    for (name, p), q in zip(tuned.logical_parameters(), paired.parameters(), strict=True):
+        assert torch.equal(p, q) != name.startswith('blocks.2.'), name  # only the pair learned
+    idx = torch.randint(0, 256, (2, 16))
+    torch.testing.assert_close(tuned(idx)[0], model.cpu()(idx)[0])  # saved and loaded as trained
 
 
 @pytest.mark.parametrize('n, layout', [(4, ['--tp=2', '--pp=2']), (2, [])], ids=['pp2xtp2', 'dp2'])
@@ -171,7 +190,7 @@ def test_tune_under_torchrun_matches_one_process(tune_setup, tmp_path, n, layout
     logs = [[json.loads(line) for line in open(tmp_path / r / 'log.jsonl')] for r in ('one', 'par')]
     assert len(logs[0]) == len(logs[1])
     for a, b in zip(*logs):
-        for k in ('exit_losses', 'val_exit_losses'):
+        for k in ('losses', 'val_losses'):
             if k in a:
                 assert b[k] == pytest.approx(a[k], rel=1e-4), (a['iter'], k)
     one_model, _ = train.load_model(str(tmp_path / 'one'))
