@@ -1,6 +1,7 @@
 """
-Training throughput of the real train step (train.train_step) on random tokens, in any
-layout. The last line printed is JSON.
+Throughput benchmarks. The last line printed is JSON.
+
+Training: the real train step (train.train_step) on random tokens, in any layout.
 
     python bench.py --shape=1b                                          # one GPU
     torchrun --nproc_per_node=2 bench.py --shape=1b --tp=2 --sp=True    # tensor (+ sequence) parallel
@@ -12,6 +13,17 @@ peak and against the bf16 matmul rate measured in the same run, and peak memory.
 several microbatch counts (--accum=[...]), one line each and, under pp, the measured
 pipeline bubble: the step time t(M) grows by a per-microbatch cost a (the slope between
 the two largest M), so the idle share is 1 - a*M/t(M); 1F1B's theory is (P-1)/(M+P-1).
+
+Decoding: greedy decode steps over the static KV cache, random weights, each batch size,
+eagerly and replayed as one CUDA graph per step (with --compile=True, also compiled by
+torch.compile and then captured), with and without layer-parallel pairs.
+
+    torchrun --nproc_per_node=2 bench.py --mode=decode --shape=7b --tp=2 --pairs=[[],[16,30]] --compile=True
+    python bench.py --mode=decode --shape=tiny --device=cpu --pairs=[[],[0,2]] --prompt_len=8 --new_tokens=4
+
+Reports ms per step, tokens/s and the memory-bandwidth floor: the bytes a step must read
+(this rank's weights but the embedding, plus the KV cache) over the copy bandwidth
+measured in the same run; 'of_bound' is that floor over the measured step time.
 """
 
 import json
@@ -24,7 +36,8 @@ import torch
 import torch.distributed as dist
 
 import train
-from model import GPTConfig
+from generate import full_vocab
+from model import GPT, GPTConfig
 from parallel import GradSync, ParallelState, init_distributed
 from pipeline import build_stage
 
@@ -33,10 +46,13 @@ SHAPES = {  # GPT-2 family shapes (vocab padded to 50304); '1b' is GPT-2 XL's wi
     '124m': dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304, block_size=1024),
     '350m': dict(n_layer=24, n_head=16, n_embd=1024, vocab_size=50304, block_size=1024),
     '1b': dict(n_layer=24, n_head=16, n_embd=2048, vocab_size=50304, block_size=1024),
+    '7b': dict(arch='llama', n_layer=32, n_head=32, n_embd=4096, ffn_hidden=11008, vocab_size=32000,
+               block_size=4096),  # Llama 2 7B
 }
 
+mode = 'train'                 # 'train' or 'decode'
 shape = '124m'
-arch = 'gpt2'
+arch = 'gpt2'                  # (a shape may set its own)
 exit_layers = ()
 batch_size = 8
 accum = (1,)                   # microbatches per step (per dp rank), one run each
@@ -49,6 +65,11 @@ tp = 1
 sp = False
 pp = 1
 fill_bubbles = False
+# decode
+batch = (1, 16)                # decode batch sizes, one run each
+pairs = ((),)                  # layer_parallel spans to compare, e.g. [[],[16,30]]
+prompt_len = 128               # KV positions filled before timing
+new_tokens = 64                # decode steps per timing; the median of 5 is reported
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and k.islower() and
             isinstance(v, (int, float, bool, str, tuple, type(None)))}
 
@@ -67,11 +88,117 @@ def matmul_tflops(device, n=8192, reps=20):
     return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
 
 
+def copy_bandwidth(device, n=2**30, reps=10):
+    """Measured device memory bandwidth (bytes/s): a large copy, bytes read + written."""
+    a, b = torch.empty(n, dtype=torch.uint8, device=device), torch.empty(n, dtype=torch.uint8, device=device)
+    b.copy_(a)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    return 2 * n * reps / (time.perf_counter() - t0)
+
+
+def cuda_graph(fn):
+    """fn captured as one CUDA graph; returns its replay. Warm-up runs (compilation, NCCL
+    communicators, cuBLAS handles) happen on a side stream first, as capture requires."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def decode(cfg_b, ps, dev):
+    cuda = dev.startswith('cuda')
+    dtype = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}[cfg_b['dtype']]
+    bw = copy_bandwidth(dev) if cuda else None
+    P, N = cfg_b['prompt_len'], cfg_b['new_tokens']
+    results = []
+    for span in cfg_b['pairs']:
+        mcfg = GPTConfig(**dict(dict(arch=cfg_b['arch'], exit_layers=cfg_b['exit_layers']), **SHAPES[cfg_b['shape']],
+                                layer_parallel=span))
+        with torch.device('meta'):  # initialised where it runs: no host copy of the weights
+            model = GPT(mcfg, ps)
+        model.to_empty(device=dev)
+        model.init_weights()
+        model.to(dtype).eval()
+        weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != 'wte.weight')
+        for B in cfg_b['batch']:
+            model.setup_cache(B, P + N * 6 + 8, dtype)
+            kv_per_pos = sum(2 * m.cache_k[:, :, 0].numel() * m.cache_k.element_size()
+                             for m in model.modules() if getattr(m, 'cache_k', None) is not None)
+            torch.manual_seed(0)
+            with torch.no_grad():
+                model(torch.randint(0, mcfg.vocab_size, (B, P), device=dev), input_pos=torch.arange(P, device=dev))
+            idx = torch.zeros(B, 1, dtype=torch.long, device=dev)
+            pos = torch.full((1,), P, dtype=torch.long, device=dev)
+
+            @torch.no_grad()
+            def step():  # one token for every sequence; the next token and position stay on the device
+                logits, _ = model(idx, input_pos=pos)
+                idx.copy_(full_vocab(model, logits[:, -1]).argmax(-1, keepdim=True))
+                pos.add_(1)
+
+            kinds = {'eager': step}
+            if cuda:
+                kinds['graph'] = cuda_graph(step)
+                if cfg_b['compile']:  # inductor fuses the small kernels; the graph removes the launches
+                    kinds['compiled graph'] = cuda_graph(torch.compile(step))
+            for kind, fn in kinds.items():
+                times = []
+                for rep in range(6):  # the first is a warm-up
+                    pos.fill_(P + rep * N)
+                    if cuda:
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    for _ in range(N):
+                        fn()
+                    if cuda:
+                        torch.cuda.synchronize()
+                    times.append((time.perf_counter() - t0) / N)
+                dt = statistics.median(times[1:])
+                r = {'mode': 'decode', 'shape': cfg_b['shape'], 'layer_parallel': list(span),
+                     'layout': str(ps).split(' rank')[0], 'dtype': cfg_b['dtype'], 'batch': B, 'step': kind,
+                     'ms_per_step': round(dt * 1000, 3), 'tokens_per_s': round(B / dt, 1),
+                     'device': torch.cuda.get_device_name(dev) if cuda else 'cpu'}
+                if cuda:  # KV bytes: the positions filled, on average over the timed runs
+                    kv = kv_per_pos * (P + 3.5 * N)
+                    floor = (weight_bytes + kv) / bw
+                    r.update(bandwidth_GBps=round(bw / 1e9), floor_ms=round(floor * 1000, 3),
+                             of_bound=round(floor / dt, 3))
+                results.append(r)
+                if ps.is_main:
+                    print(json.dumps(r))
+            model.clear_cache()
+    for r in results:  # speed against the same run without pairs
+        base = next((q for q in results if not q['layer_parallel'] and q['batch'] == r['batch'] and
+                     q['step'] == r['step']), None)
+        if base:
+            r['speedup_vs_no_pairs'] = round(base['ms_per_step'] / r['ms_per_step'], 3)
+    return results
+
+
 def main(args):
     cfg_b = train.configure(DEFAULTS, args)
     dev = init_distributed(cfg_b['device'])
     ps = ParallelState(cfg_b['tp'], cfg_b['pp'], cfg_b['sp'])
-    mcfg = GPTConfig(arch=cfg_b['arch'], exit_layers=cfg_b['exit_layers'], **SHAPES[cfg_b['shape']])
+    if cfg_b['mode'] not in ('train', 'decode'):
+        raise ValueError(f"mode={cfg_b['mode']!r}; allowed: 'train', 'decode'")
+    if cfg_b['mode'] == 'decode':
+        summary = {'runs': decode(cfg_b, ps, dev)}
+        if ps.is_main:
+            print(json.dumps(summary))
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return summary
+    mcfg = GPTConfig(**dict(dict(arch=cfg_b['arch'], exit_layers=cfg_b['exit_layers']), **SHAPES[cfg_b['shape']]))
     cuda = dev.startswith('cuda')
     ctx = train.autocast('cuda' if cuda else 'cpu', cfg_b['dtype'])
     model, _ = build_stage(mcfg, ps, device=dev)

@@ -421,12 +421,13 @@ def make_optimizer(model, cfg, device_type):
 
 
 @torch.no_grad()
-def evaluate(model, data, cfg, ctx, ps=LOCAL):
-    """Mean train and val loss of the final head and of every exit over eval_iters fixed
-    batches (the same batches at every evaluation), shared out over the dp ranks."""
+def evaluate(model, data, cfg, ctx, ps=LOCAL, splits=('train', 'val')):
+    """Mean loss of the final head and of every exit over eval_iters fixed batches of each
+    split (the same batches at every evaluation), shared out over the dp ranks.
+    Returns {split: (final loss, [exit losses])}."""
     model.eval()
     out = {}
-    for split in ('train', 'val'):
+    for split in splits:
         totals = torch.zeros(1 + len(cfg['exit_layers']), device=cfg['device'])
         for k in range(ps.dp_rank, cfg['eval_iters'], ps.dp):
             offs = batch_offsets(len(data[split]), cfg['block_size'], cfg['batch_size'], cfg['seed'], -1 - k, split)

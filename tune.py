@@ -1,9 +1,10 @@
 """
 Tuning on a frozen pretrained model, two kinds:
 - EE-Tuning (Pan et al. 2024, arXiv 2402.00518): train only the exit heads.
-- Layer-pair fine-tuning (arXiv 2502.02790, section 5): with --layer_parallel=[start,end),
-  train only the blocks that now run in parallel pairs, on the full model's objective
-  (final CE + weighted exit CEs), to win back what pairing cost.
+- Layer-pair fine-tuning (arXiv 2502.02790): with --layer_parallel=[start,end), train
+  only the blocks that now run in parallel pairs, on the full model's objective (final
+  CE + weighted exit CEs), to win back what pairing cost. --tune_blocks=[start,end)
+  without pairs fine-tunes those blocks the same way (the control for that experiment).
 
     python convert.py add_exits --src=out-base --dst=out-ee --exit_layers=[2,4] --exit_norm
     python tune.py config/tune_pystdlib.py --init_from=out-ee --out_dir=out-ee-tuned
@@ -37,7 +38,8 @@ from parallel import GradSync, ParallelState, clip_grad_norm_, init_distributed
 from pipeline import stage_forward, stage_layers
 
 DEFAULTS = dict(train.DEFAULTS, init_from='', out_dir='out-tuned', dynamic_weighting=False, max_iters=500,
-                learning_rate=1e-3, min_lr=1e-4, warmup_iters=20, eval_interval=100, log_interval=20)
+                learning_rate=1e-3, min_lr=1e-4, warmup_iters=20, eval_interval=100, log_interval=20,
+                tune_blocks=None)  # [start, end): fine-tune these blocks (default: the layer_parallel span)
 
 
 def exit_objective(model, x, y, w, dynamic, ps):
@@ -63,8 +65,8 @@ def exit_objective(model, x, y, w, dynamic, ps):
     return total, ces
 
 
-def pair_objective(model, x, y, w):
-    """The training objective of the whole model (pairs included). Returns (objective,
+def full_objective(model, x, y, w):
+    """The training objective of the whole model. Returns (objective,
     {0: final CE, 1 + e: exit e's CE})."""
     total, loss, exit_losses = train.weighted_loss(model, x, y, w)
     return total, {i: ce.detach().float() for i, ce in enumerate([loss, *exit_losses])}
@@ -101,7 +103,11 @@ def tune(cfg):
     src = train.Checkpoint(cfg['init_from'])
     pairs = tuple(cfg['layer_parallel'] or ())
     mcfg = GPTConfig(**dict(src.meta['model_config'], **({'layer_parallel': pairs} if pairs else {})))
-    if not (mcfg.exit_layers or pairs):
+    tb = cfg['tune_blocks']
+    if tb is not None and not (len(tb) == 2 and 0 <= tb[0] < tb[1] <= mcfg.n_layer):
+        raise ValueError(f'tune_blocks={tb}; need [start, end) with 0 <= start < end <= n_layer={mcfg.n_layer}')
+    span = range(*(tb or pairs))  # blocks that learn on the full objective
+    if not (mcfg.exit_layers or span):
         raise ValueError(f"{cfg['init_from']} has no exits; add them with convert.py add_exits "
                          '(or give layer_parallel to fine-tune layer pairs)')
     data, data_meta = train.load_data(cfg['dataset'])
@@ -110,14 +116,14 @@ def tune(cfg):
     ps = ParallelState(cfg['tp'], cfg['pp'])
     torch.manual_seed(cfg['seed'] + ps.dp_rank)
     n_exits = len(mcfg.exit_layers)
-    if pairs:  # the whole model; the pairs learn through every block after them
+    if span:  # the whole model; the span learns through every block after it
         if ps.pp > 1:
-            raise ValueError('layer_parallel: tune.py fine-tunes pairs with pp=1')
+            raise ValueError('layer_parallel / tune_blocks: tune.py fine-tunes blocks with pp=1')
         model = GPT(mcfg, ps, cfg['seed']).to(device)
-        learns = lambda name: name.split('.')[0] == 'blocks' and int(name.split('.')[1]) in mcfg.pairs
+        learns = lambda name: name.split('.')[0] == 'blocks' and int(name.split('.')[1]) in span
         names = 'losses (final, exits)'
-        objective = lambda x, y, w: pair_objective(model, x, y, w)
-        what = f'the layer-parallel pairs of blocks {mcfg.layer_parallel[0]}..{mcfg.layer_parallel[1] - 1}'
+        objective = lambda x, y, w: full_objective(model, x, y, w)
+        what = f"{'layer-parallel pairs of ' if pairs else ''}blocks {span.start}..{span.stop - 1}"
     else:
         depth = max(mcfg.exit_depths)
         layers = stage_layers(depth, ps.pp, cfg['pp_layers'])[ps.pp_rank]  # the stages up to the deepest exit
@@ -130,7 +136,7 @@ def tune(cfg):
     src.load_into(model, ps=ps)
     for name, p in model.named_parameters():
         p.requires_grad_(learns(name))
-    n_losses = n_exits + bool(pairs)
+    n_losses = n_exits + bool(span)
     cfg = dict(cfg, **{k: getattr(mcfg, k) for k in train.MODEL_KEYS})
     optimizer = train.make_optimizer(model, cfg, device_type)
     grads = GradSync(model.parameters(), ps)
