@@ -106,7 +106,7 @@ def tune(cfg):
     tb = cfg['tune_blocks']
     if tb is not None and not (len(tb) == 2 and 0 <= tb[0] < tb[1] <= mcfg.n_layer):
         raise ValueError(f'tune_blocks={tb}; need [start, end) with 0 <= start < end <= n_layer={mcfg.n_layer}')
-    span = range(*(tb or pairs))  # blocks that learn on the full objective
+    span = range(*(tb or pairs or (0,)))  # blocks that learn on the full objective (none: EE-Tuning)
     if not (mcfg.exit_layers or span):
         raise ValueError(f"{cfg['init_from']} has no exits; add them with convert.py add_exits "
                          '(or give layer_parallel to fine-tune layer pairs)')

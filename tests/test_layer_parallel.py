@@ -125,3 +125,36 @@ def test_tensor_parallel_pairs_equal_one_device(tmp_path, tp):
     want_logits = one(torch.tensor([PROMPT]))[0].detach()
     want_tokens = [generate.generate(one, PROMPT, 16, 'recompute', thres=t)['tokens'] for t in (None, 0.4)]
     spawn(_tp, tp, str(tmp_path), tp, span, want_logits, want_tokens)
+
+
+def test_evaluate_sweep_matches_the_paired_models(tmp_path):
+    import os
+    import sys
+    from contextlib import nullcontext
+    import evaluate
+    sys.path.insert(0, os.path.join(os.path.dirname(train.__file__), 'data', 'text'))
+    import prepare
+    (tmp_path / 'c.txt').write_text(open(train.__file__).read())
+    prepare.main(['--input', str(tmp_path / 'c.txt'), '--out_dir', str(tmp_path / 'data')])
+    model = GPT(GPTConfig(arch='llama', n_layer=4, n_head=4, n_embd=32, vocab_size=256, block_size=32,
+                          exit_layers=(2,)), seed=3).double()
+    train.save_checkpoint(str(tmp_path / 'ckpt'), model, None, {'dataset': str(tmp_path / 'data')}, 0, 0.0)
+    rows = evaluate.main([f'--out_dir={tmp_path / "ckpt"}', '--sweep=pairs', '--device=cpu', '--dtype=float32',
+                          '--eval_iters=2', '--batch_size=4'])
+    assert [r['layer_parallel'] for r in rows] == [[], [0, 2], [2, 4], [0, 4]]  # [1, 3) would split exit 2
+    assert [r['depth'] for r in rows] == [4, 3, 3, 2]
+    data, _ = train.load_data(str(tmp_path / 'data'))
+    cfg = dict(eval_iters=2, batch_size=4, seed=evaluate.DEFAULTS['seed'], block_size=32, exit_layers=(2,),
+               device='cpu')
+    for r in rows:
+        want = paired(model, tuple(r['layer_parallel'])) if r['layer_parallel'] else model
+        loss, exits = train.evaluate(want, data, cfg, nullcontext(), splits=('val',))['val']
+        assert r['loss'] == pytest.approx(loss, rel=1e-5) and r['exit_losses'] == pytest.approx(exits, rel=1e-5)
+
+
+def test_bench_decode_runs_tiny_on_cpu():
+    import bench
+    out = bench.main(['--mode=decode', '--shape=tiny', '--device=cpu', '--pairs=[[],[0,2]]', '--batch=[1,2]',
+                      '--prompt_len=8', '--new_tokens=2'])
+    assert [(r['layer_parallel'], r['batch']) for r in out['runs']] == [([], 1), ([], 2), ([0, 2], 1), ([0, 2], 2)]
+    assert all(r['tokens_per_s'] > 0 and 'speedup_vs_no_pairs' in r for r in out['runs'])
