@@ -185,19 +185,7 @@ def decode(cfg_b, ps, dev):
     return results
 
 
-def main(args):
-    cfg_b = train.configure(DEFAULTS, args)
-    dev = init_distributed(cfg_b['device'])
-    ps = ParallelState(cfg_b['tp'], cfg_b['pp'], cfg_b['sp'])
-    if cfg_b['mode'] not in ('train', 'decode'):
-        raise ValueError(f"mode={cfg_b['mode']!r}; allowed: 'train', 'decode'")
-    if cfg_b['mode'] == 'decode':
-        summary = {'runs': decode(cfg_b, ps, dev)}
-        if ps.is_main:
-            print(json.dumps(summary))
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        return summary
+def training(cfg_b, ps, dev):
     mcfg = GPTConfig(**dict(dict(arch=cfg_b['arch'], exit_layers=cfg_b['exit_layers']), **SHAPES[cfg_b['shape']]))
     cuda = dev.startswith('cuda')
     ctx = train.autocast('cuda' if cuda else 'cpu', cfg_b['dtype'])
@@ -247,7 +235,16 @@ def main(args):
         for r in results:
             r['bubble_measured'] = round(1 - slope * r['microbatches'] / r['ms_per_step'], 4)
             r['bubble_theory'] = round((ps.pp - 1) / (r['microbatches'] + ps.pp - 1), 4)
-    summary = {'runs': results}
+    return results
+
+
+def main(args):
+    cfg_b = train.configure(DEFAULTS, args)
+    if cfg_b['mode'] not in ('train', 'decode'):
+        raise ValueError(f"mode={cfg_b['mode']!r}; allowed: 'train', 'decode'")
+    dev = init_distributed(cfg_b['device'])
+    ps = ParallelState(cfg_b['tp'], cfg_b['pp'], cfg_b['sp'])
+    summary = {'runs': (decode if cfg_b['mode'] == 'decode' else training)(cfg_b, ps, dev)}
     if ps.is_main:
         print(json.dumps(summary))
     if dist.is_initialized():
