@@ -117,7 +117,7 @@ def cuda_graph(fn):
 
 def decode(cfg_b, ps, dev):
     cuda = dev.startswith('cuda')
-    dtype = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}[cfg_b['dtype']]
+    dtype = train.DTYPES[cfg_b['dtype']]
     bw = copy_bandwidth(dev) if cuda else None
     P, N = cfg_b['prompt_len'], cfg_b['new_tokens']
     results = []

@@ -46,18 +46,20 @@ def pair_spans(mc):
     spans = []
     for n in range(2, mc.n_layer + 1, 2):
         for start in range(mc.n_layer - n + 1):
-            if not any(start < d < start + n and (d - start) % 2 for d in mc.exit_depths):
+            if not mc.exits_inside_pairs((start, start + n)):
                 spans.append([start, start + n])
     return spans
 
 
 def val_losses(cfg, ps, dev, data, ctx, span=None):
-    """(model config, final val loss, [exit val losses]) with the given layer_parallel."""
-    model, ckpt = load_model(cfg['out_dir'], ps, dev, layer_parallel=span)
+    """(model config, row) with the given layer_parallel: the row holds the span, the
+    sequential depth (one block less per pair), the final and every exit's val loss."""
+    model, _ = load_model(cfg['out_dir'], ps, dev, layer_parallel=span)
     mc = model.config
     run = dict(cfg, block_size=mc.block_size, exit_layers=mc.exit_layers, device=dev)
     loss, exits = evaluate(model, data, run, ctx, ps, splits=('val',))['val']
-    return mc, loss, exits
+    return mc, dict(layer_parallel=list(mc.layer_parallel), depth=mc.n_layer - len(mc.pairs), loss=loss,
+                    exit_losses=exits)
 
 
 def main(args):
@@ -73,17 +75,13 @@ def main(args):
     t0 = time.time()
     if cfg['sweep'] not in ('', 'pairs'):
         sys.exit(f"sweep={cfg['sweep']!r}; allowed: 'pairs' (or '' for one evaluation)")
-    mc, loss, exits = val_losses(cfg, ps, dev, data, ctx, cfg['layer_parallel'])
-    rows = [dict(layer_parallel=list(mc.layer_parallel), depth=mc.n_layer - len(mc.pairs), loss=loss,
-                 exit_losses=exits)]
+    mc, row = val_losses(cfg, ps, dev, data, ctx, cfg['layer_parallel'])
+    rows = [row]
     if cfg['sweep'] == 'pairs':
         if mc.layer_parallel:
             sys.exit('sweep=pairs starts from the model without pairs; this checkpoint runs with '
                      f'layer_parallel={list(mc.layer_parallel)}')
-        for span in pair_spans(mc):
-            _, loss, exits = val_losses(cfg, ps, dev, data, ctx, span)
-            rows.append(dict(layer_parallel=span, depth=mc.n_layer - (span[1] - span[0]) // 2, loss=loss,
-                             exit_losses=exits))
+        rows += [val_losses(cfg, ps, dev, data, ctx, span)[1] for span in pair_spans(mc)]
     tokens = cfg['eval_iters'] * cfg['batch_size'] * mc.block_size
     say(f"val split, {tokens:,} tokens ({cfg['eval_iters']} x {cfg['batch_size']} x {mc.block_size}), "
         f"{mc.n_layer} blocks, exits after blocks {list(mc.exit_depths)}, {time.time() - t0:.1f} s")

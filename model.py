@@ -96,14 +96,18 @@ class GPTConfig:
                   and (lp[1] - lp[0]) % 2 == 0,
                   f'layer_parallel={list(lp)}; need [start, end) block indices, 0 <= start < end <= '
                   f'n_layer={self.n_layer}, with an even span end - start')
-            for L, d in zip(self.exit_layers, self.exit_depths):
-                check(not (lp[0] < d < lp[1] and (d - lp[0]) % 2),
-                      f'exit_layers contains {L}, which reads the output of block {d - 1}, inside the parallel '
-                      f'pair ({d - 1}, {d}) of layer_parallel={list(lp)}; exits may sit only between pairs')
+            for L, d in self.exits_inside_pairs(lp):
+                check(False, f'exit_layers contains {L}, which reads the output of block {d - 1}, inside the '
+                             f'parallel pair ({d - 1}, {d}) of layer_parallel={list(lp)}; exits may sit only between pairs')
 
     @property
     def head_dim(self):
         return self.n_embd // self.n_head
+
+    def exits_inside_pairs(self, span):
+        """(exit layer, depth) of each exit that would read between the two blocks of a pair of span."""
+        return [(L, d) for L, d in zip(self.exit_layers, self.exit_depths)
+                if span[0] < d < span[1] and (d - span[0]) % 2]
 
     @property
     def pairs(self):

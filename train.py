@@ -512,9 +512,12 @@ def train_step(model, optimizer, grads, data, cfg, it, ctx, scaler, ps=LOCAL):
     return losses, lr, w, gnorm
 
 
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
 def autocast(device_type, dtype):
     """The mixed-precision context for dtype 'float32' (none), 'bfloat16' or 'float16'."""
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(dtype)
+    ptdtype = DTYPES.get(dtype)
     if ptdtype is None:
         raise ValueError(f"dtype={dtype!r}; allowed: 'float32', 'bfloat16', 'float16'")
     return nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
