@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 import train
-from generate import full_vocab
+from generate import Decoder, full_vocab
 from model import GPT, GPTConfig
 from parallel import GradSync, ParallelState, init_distributed
 from pipeline import build_stage
@@ -59,6 +59,7 @@ accum = (1,)                   # microbatches per step (per dp rank), one run ea
 steps = 20
 warmup = 5
 compile = False
+activation_checkpointing = False  # recompute each block in the backward (train.py's key)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
 tp = 1
@@ -69,6 +70,7 @@ fill_bubbles = False
 batch = (1, 16)                # decode batch sizes, one run each
 pairs = ((),)                  # layer_parallel spans to compare, e.g. [[],[16,30]]
 prompt_len = 128               # KV positions filled before timing
+exit_rates = (0.0, 0.5)        # with exit_layers, batch 1: shares of tokens forced to leave at the first exit
 new_tokens = 64                # decode steps per timing; the median of 5 is reported
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and k.islower() and
             isinstance(v, (int, float, bool, str, tuple, type(None)))}
@@ -115,12 +117,54 @@ def cuda_graph(fn):
     return graph.replay
 
 
+def time_steps(reset, fn, N, cuda):
+    """Median seconds per call of fn over 5 timed runs of N calls, after a warm-up run;
+    reset(run index) before each run."""
+    times = []
+    for rep in range(6):
+        reset(rep)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(N):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) / N)
+    return statistics.median(times[1:])
+
+
+def forced_exits(dec, rate):
+    """One decoding step of dec where a share `rate` of the tokens, evenly spread, exits at
+    the first exit (threshold 0) and the others run every block (threshold inf: the exit is
+    computed and read, and does not fire). rate None: no exit is computed."""
+    def fn():
+        j = len(dec.tokens)
+        fire = rate is not None and int((j + 1) * rate) > int(j * rate)
+        tok = dec.step(set() if rate is None else {0}, 0.0 if fire else float('inf'))[0]
+        dec.tokens.append(tok)
+    return fn
+
+
 def decode(cfg_b, ps, dev):
     cuda = dev.startswith('cuda')
     dtype = train.DTYPES[cfg_b['dtype']]
     bw = copy_bandwidth(dev) if cuda else None
     P, N = cfg_b['prompt_len'], cfg_b['new_tokens']
     results = []
+
+    def record(kind, B, dt, kv_positions, exit_rate=None):
+        r = {'mode': 'decode', 'shape': cfg_b['shape'], 'layer_parallel': list(span), 'exit_rate': exit_rate,
+             'layout': str(ps).split(' rank')[0], 'dtype': cfg_b['dtype'], 'batch': B, 'step': kind,
+             'ms_per_step': round(dt * 1000, 3), 'tokens_per_s': round(B / dt, 1),
+             'device': torch.cuda.get_device_name(dev) if cuda else 'cpu'}
+        if cuda:
+            floor = (weight_bytes + kv_per_pos * kv_positions) / bw
+            r.update(bandwidth_GBps=round(bw / 1e9), floor_ms=round(floor * 1000, 3), of_bound=round(floor / dt, 3))
+        results.append(r)
+        if ps.is_main:
+            print(json.dumps(r))
+
     for span in cfg_b['pairs']:
         mcfg = GPTConfig(**dict(dict(arch=cfg_b['arch'], exit_layers=cfg_b['exit_layers']), **SHAPES[cfg_b['shape']],
                                 layer_parallel=span))
@@ -146,42 +190,33 @@ def decode(cfg_b, ps, dev):
                 idx.copy_(full_vocab(model, logits[:, -1]).argmax(-1, keepdim=True))
                 pos.add_(1)
 
-            kinds = {'eager': step}
+            # kind: (reset before a timed run, one step, KV positions filled on average)
+            reset = lambda rep: pos.fill_(P + rep * N)
+            kinds = {'eager': (reset, step, P + 3.5 * N)}
             if cuda:
-                kinds['graph'] = cuda_graph(step)
+                kinds['graph'] = (reset, cuda_graph(step), P + 3.5 * N)
                 if cfg_b['compile']:  # inductor fuses the small kernels; the graph removes the launches
-                    kinds['compiled graph'] = cuda_graph(torch.compile(step))
-            for kind, fn in kinds.items():
-                times = []
-                for rep in range(6):  # the first is a warm-up
-                    pos.fill_(P + rep * N)
-                    if cuda:
-                        torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    for _ in range(N):
-                        fn()
-                    if cuda:
-                        torch.cuda.synchronize()
-                    times.append((time.perf_counter() - t0) / N)
-                dt = statistics.median(times[1:])
-                r = {'mode': 'decode', 'shape': cfg_b['shape'], 'layer_parallel': list(span),
-                     'layout': str(ps).split(' rank')[0], 'dtype': cfg_b['dtype'], 'batch': B, 'step': kind,
-                     'ms_per_step': round(dt * 1000, 3), 'tokens_per_s': round(B / dt, 1),
-                     'device': torch.cuda.get_device_name(dev) if cuda else 'cpu'}
-                if cuda:  # KV bytes: the positions filled, on average over the timed runs
-                    kv = kv_per_pos * (P + 3.5 * N)
-                    floor = (weight_bytes + kv) / bw
-                    r.update(bandwidth_GBps=round(bw / 1e9), floor_ms=round(floor * 1000, 3),
-                             of_bound=round(floor / dt, 3))
-                results.append(r)
-                if ps.is_main:
-                    print(json.dumps(r))
+                    kinds['compiled graph'] = (reset, cuda_graph(torch.compile(step)), P + 3.5 * N)
+            for kind, (reset, fn, kv_positions) in kinds.items():
+                record(kind, B, time_steps(reset, fn, N, cuda), kv_positions)
             model.clear_cache()
-    for r in results:  # speed against the same run without pairs
-        base = next((q for q in results if not q['layer_parallel'] and q['batch'] == r['batch'] and
-                     q['step'] == r['step']), None)
+            if B == 1 and mcfg.exit_layers:  # generate.py's early-exit decoder, exits forced at fixed rates
+                dec = Decoder(model, P + N + 8, graphs=cuda)
+                prompt = torch.randint(0, mcfg.vocab_size, (P + 1,)).tolist()
+                for rate in (None,) + tuple(cfg_b['exit_rates']):
+                    kind = 'decoder' + ('' if rate is None else f', {rate:.0%} exit at {mcfg.exit_layers[0]}')
+                    record(kind, B, time_steps(lambda rep: dec.start(prompt), forced_exits(dec, rate), N, cuda),
+                           P + N / 2, rate)
+                del dec
+                model.clear_cache()
+    for r in results:  # speed against the same run without pairs, and early exit against the plain decoder
+        same = lambda q: q['batch'] == r['batch'] and q['step'] == r['step']
+        base = next((q for q in results if not q['layer_parallel'] and same(q)), None)
         if base:
             r['speedup_vs_no_pairs'] = round(base['ms_per_step'] / r['ms_per_step'], 3)
+        plain = next((q for q in results if q['layer_parallel'] == r['layer_parallel'] and q['step'] == 'decoder'), None)
+        if r['exit_rate'] is not None and plain:
+            r['speedup_vs_decoder'] = round(plain['ms_per_step'] / r['ms_per_step'], 3)
     return results
 
 
@@ -190,6 +225,7 @@ def training(cfg_b, ps, dev):
     cuda = dev.startswith('cuda')
     ctx = train.autocast('cuda' if cuda else 'cpu', cfg_b['dtype'])
     model, _ = build_stage(mcfg, ps, device=dev)
+    model.checkpoint_blocks = cfg_b['activation_checkpointing']
     cfg = dict(train.DEFAULTS, **{k: getattr(mcfg, k) for k in train.MODEL_KEYS}, device=dev, pp=ps.pp,
                batch_size=cfg_b['batch_size'], warmup_iters=0, fill_bubbles=cfg_b['fill_bubbles'])
     optimizer = train.make_optimizer(model, cfg, 'cuda' if cuda else 'cpu')
@@ -219,6 +255,8 @@ def training(cfg_b, ps, dev):
         fills = len(train.pipeline_microbatches(cfg, ps, m)) - m if ps.pp > 1 else 0
         r = {'shape': cfg_b['shape'], 'stage_params_M': round(model.num_params() / 1e6, 1), 'exits': list(mcfg.exit_layers),
              'layout': str(ps).split(' rank')[0], 'sp': ps.sp, 'compile': cfg_b['compile'], 'dtype': cfg_b['dtype'],
+             'activation_checkpointing': cfg_b['activation_checkpointing'],
+             'flops_per_token': model.flops_per_token(mcfg.block_size),
              'microbatches': m, 'fill_microbatches': fills, 'batch_tokens': tokens,
              'ms_per_step': round(dt * 1000, 2), 'tokens_per_s': round(tokens / dt),
              'tflops_per_gpu': round(flops / 1e12, 1), 'mfu_datasheet': round(flops / peak, 4) if peak else None,

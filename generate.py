@@ -62,6 +62,7 @@ json = False                    # end with one JSON line (tokens, exit layers, t
 tp = 1                          # tensor-parallel ranks (under torchrun)
 pp = 1                          # pipeline stages (under torchrun; method='pipeline')
 layer_parallel = None           # [start, end): run these blocks in parallel pairs; None: as saved
+graphs = True                   # on CUDA: replay each segment of blocks between exits as a CUDA graph
 serve = False                   # answer PUT /api (EE-LLM's request fields) instead of one prompt
 port = 5000
 # -----------------------------------------------------------------------------
@@ -98,95 +99,155 @@ def full_vocab(model, logits):
 
 
 class Decoder:
-    """Batch-1 decoding state over the model's static KV cache: the tokens so far, and for
-    each position how many blocks have its KV (`done`) and its hidden state at that depth."""
+    """Batch-1 decoding over a static KV cache of max_len positions. The blocks run in
+    segments that end where an exit may fire; `done[p]` is how many blocks have position
+    p's KV, and `hid` holds p's hidden state at that depth. A token that exits leaves the
+    deeper KV of its position missing; the next token to pass that depth brings it along
+    (the chunk grows by one position per pending token), so the deep KV is exact.
 
-    def __init__(self, model, prompt, max_len):
-        self.model, self.cfg = model, model.config
-        self.L, self.device = self.cfg.n_layer, next(model.parameters()).device
-        model.setup_cache(1, max_len, dtype=next(model.parameters()).dtype)
-        self.tokens = list(prompt)
-        self.done = []                      # blocks with KV, per position
-        self.hidden = {}                    # position -> hidden state (1, 1, C) at depth done[position]
+    With graphs=True (CUDA) each (segment, chunk length, head) is captured as a CUDA graph
+    on first use and replayed after: a token costs one graph per segment it runs and one
+    read of three numbers per exit decision. Warm-up and capture leave the state as it was.
+    A decoder is reusable: start() begins a new sequence over the same cache and graphs."""
+
+    MAX_GRAPH_CHUNK = 16  # longer chunks (runs of exits) run eagerly
+
+    def __init__(self, model, max_len, graphs=False):
+        self.model, self.cfg, self.max_len = model, model.config, max_len
+        p = next(model.parameters())
+        model.setup_cache(1, max_len, dtype=p.dtype)
+        self.cache = [(m, m.cache_k, m.cache_v) for m in model.modules() if getattr(m, 'cache_k', None) is not None]
+        self.hid = torch.zeros(1, max_len, self.cfg.n_embd, dtype=p.dtype, device=p.device)
+        self.t = torch.zeros(1, dtype=torch.long, device=p.device)         # the position being decoded
+        self.tok = torch.zeros(1, 1, dtype=torch.long, device=p.device)    # its token
+        self.arange = torch.arange(max_len, device=p.device)
         self.exit_at = {d: e for e, d in enumerate(self.cfg.exit_depths)}
+        self.graphs = graphs and p.is_cuda
+        self.captured, self.pool = {}, torch.cuda.graph_pool_handle() if self.graphs else None
 
-    def prefill(self):
-        """The prompt but its last token, through every layer and every exit (exits with a
-        block need its KV). Decoding starts at the last prompt token."""
-        n = len(self.tokens) - 1
+    def start(self, prompt):
+        """A new sequence: the prompt but its last token through every layer and every exit
+        (exits with a block need its KV). Decoding starts at the last prompt token."""
+        for m, k, v in self.cache:  # (the model may have run with another cache since)
+            m.cache_k, m.cache_v = k, v
+        self.tokens, n = list(prompt), len(prompt) - 1
         if n > 0:
-            self.model(torch.tensor([self.tokens[:n]], device=self.device), exits=True,
-                       input_pos=torch.arange(n, device=self.device))
-        self.done = [self.L] * n
+            dev = self.t.device
+            self.model(torch.tensor([self.tokens[:n]], device=dev), exits=True, input_pos=torch.arange(n, device=dev))
+        self.done = [self.cfg.n_layer] * n
 
-    def step(self, allowed, thres, pick, stop_depth=None):
-        """Process the last token, bringing every pending position along; at each allowed
-        exit, if max prob >= thres, emit from it. stop_depth: run no deeper (drafting).
-        Returns (token, depth it left at, {depth: max prob}, the logits it came from)."""
-        m, t, dev = self.model, len(self.tokens) - 1, self.device
-        x, _ = m.embed(torch.tensor([[self.tokens[t]]], device=dev), torch.tensor([t], device=dev))
-        self.done.append(0)
-        self.hidden[t] = x
-        probs = {}
-        h, start = None, t + 1  # h (1, t+1-start, C): positions start..t at the current depth
+    def segment(self, a, b, T, head, rows=1):
+        """Blocks a..b-1 for the T positions ending at self.t (their hidden states at depth a
+        are in hid; at a == 0, T is 1 and it is the new token), then the head at depth b (an
+        exit index, or 'final') on the last `rows` of them. Returns its logits (rows, V) and
+        (max prob, argmax, its log prob) per row (rows, 3)."""
+        m = self.model
+        pos = self.t - (T - 1) + self.arange[:T]                        # (T,)
+        h = m.embed(self.tok, pos)[0] if a == 0 else self.hid.index_select(1, pos)  # (1, T, C)
+        rope = m.rope(pos)
         for k, block in m.blocks.items():
-            i, d = int(k), int(k) + block.width  # blocks i..d-1 (a layer-parallel pair: 2), depth d after
-            if stop_depth is not None and i >= stop_depth:
-                break
-            # positions that need block i form a suffix (done never increases along positions);
-            # the ones stopped at depth i join the chunk here with their saved hidden states
-            joined = start
-            while start > 0 and self.done[start - 1] <= i:
-                start -= 1
-            h = torch.cat([self.hidden.pop(p) for p in range(start, joined)] + ([] if h is None else [h]), dim=1)
-            pos = torch.arange(start, t + 1, device=dev)
-            h = block(h, m.rope(pos), pos)
-            for p in range(start, t + 1):
-                self.done[p] = d
-            e = self.exit_at.get(d)
-            if e is None or not (e in allowed or stop_depth == d):
-                continue  # (an exit that may not fire is never computed)
-            # an exit with a block keeps a KV cache: run it for every position passing here
-            sel = slice(None) if m.exits[str(e)].block is not None else slice(-1, None)
-            logits = full_vocab(m, m.exit_logits(e, h[:, sel], m.rope(pos[sel]), pos[sel])[:, -1])
-            p_max = logits.float().softmax(-1).max().item()
-            probs[d] = p_max
-            if p_max >= thres or stop_depth == d:
-                self._park(h, start, t)
-                return pick(logits), d, probs, logits
-        logits = full_vocab(m, m.final_logits(h[:, -1:])[:, -1])
-        return pick(logits), self.L, probs, logits
+            if a <= int(k) < b:
+                h = block(h, rope, pos)
+        self.hid.index_copy_(1, pos, h)
+        if head == 'final':
+            logits = m.final_logits(h[:, -rows:])
+        else:  # an exit with a block keeps a KV cache: it runs for every position of the chunk
+            sel = slice(None) if m.exits[str(head)].block is not None else slice(T - rows, None)
+            logits = m.exit_logits(head, h[:, sel], m.rope(pos[sel]), pos[sel])[:, -rows:]
+        logits = full_vocab(m, logits[0])                                # (rows, V)
+        best, tok = logits.float().log_softmax(-1).max(-1)
+        return logits, torch.stack([best.exp(), tok.float(), best], -1)
 
-    def _park(self, h, start, t):
-        for p in range(start, t + 1):
-            self.hidden[p] = h[:, p - start:p - start + 1]
+    def run(self, a, b, T, head, rows=1):
+        """segment(), as a CUDA graph where it can be."""
+        fn = lambda: self.segment(a, b, T, head, rows)
+        if not self.graphs or T > self.MAX_GRAPH_CHUNK:
+            return fn()
+        key = (a, b, T, head, rows)
+        if key not in self.captured:
+            saved = self.hid.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up (lazy initialisation) off the capture stream
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            self.hid.copy_(saved)  # (the KV writes repeat with the same values)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                outs = fn()
+            self.captured[key] = graph, outs
+        graph, outs = self.captured[key]
+        graph.replay()
+        return outs
+
+    def step(self, allowed, thres, pick=None, stop_depth=None):
+        """Process the last token, bringing every pending position along; at each allowed
+        exit (indices), if its max prob >= thres, emit from it. stop_depth: run no deeper
+        (drafting). pick(logits (1, V)) -> token; None: greedy. Returns (token, depth it
+        left at, {depth: max prob}, its logits (1, V), the log prob of the token)."""
+        L, t = self.cfg.n_layer, len(self.tokens) - 1
+        self.t.fill_(t)
+        self.tok.fill_(self.tokens[t])
+        self.done.append(0)
+        bounds = sorted({d for d, e in self.exit_at.items() if e in allowed} | {stop_depth or L, L})
+        probs, a = {}, 0
+        for b in bounds:
+            if stop_depth is not None and a >= stop_depth:
+                break
+            start = t  # positions that need block a form a suffix: those stopped at depth <= a
+            while start > 0 and self.done[start - 1] <= a:
+                start -= 1
+            logits, out = self.run(a, b, t + 1 - start, 'final' if b == L else self.exit_at[b])
+            self.done[start:] = [b] * (t + 1 - start)
+            p, best, lp = out[-1].tolist()  # the one read per exit decision
+            if b < L:
+                probs[b] = p
+            if b == L or p >= thres or b == stop_depth:
+                tok = int(best) if pick is None else pick(logits)
+                if tok != int(best):
+                    lp = float(logits.float().log_softmax(-1)[0, tok])
+                return tok, b, probs, logits, lp
+            a = b
+
+
+def decoder(model, max_len, graphs=True):
+    """The model's Decoder for sequences up to max_len (rounded up to a power of two, at least
+    256, at most block_size), kept on the model so that its cache and CUDA graphs serve every
+    later call of that size."""
+    max_len = min(model.config.block_size, max(256, 1 << (max_len - 1).bit_length()))
+    dec = getattr(model, 'decoder', None)
+    if dec is None or dec.max_len != max_len or dec.graphs != (graphs and next(model.parameters()).is_cuda):
+        model.decoder = None  # (free the old cache first)
+        model.decoder = Decoder(model, max_len, graphs)
+    return model.decoder
 
 
 @torch.no_grad()
 def generate(model, prompt, max_new_tokens, method='full', thres=None, allowed=None, spec_exit=None, spec_k=4,
-             temperature=0.0, top_k=None, top_p=None, seed=None, stop=None, on_token=None):
+             temperature=0.0, top_k=None, top_p=None, seed=None, stop=None, on_token=None, graphs=True):
     """Returns {'tokens', 'exit_layers' (depth each token left at; n_layer = final head),
     'max_probs' ({depth: max prob} per token), 'logprobs' (of each token under the head that
-    chose it), 'accepted', 'drafted' (speculative)}."""
-    cfg = model.config
+    chose it), 'accepted', 'drafted' (speculative)}. graphs: on CUDA, replay each segment of
+    blocks as a CUDA graph (see Decoder)."""
+    cfg, L = model.config, model.config.n_layer
     allowed = set(range(len(cfg.exit_layers))) if allowed is None else set(allowed)
     gen = torch.Generator(next(model.parameters()).device).manual_seed(seed) if seed is not None else None
-    pick = lambda logits: int(sample(logits, temperature, top_k, top_p, gen)[0])
+    pick = None if temperature == 0 else lambda logits: int(sample(logits, temperature, top_k, top_p, gen)[0])
     max_len = len(prompt) + max_new_tokens + (spec_k if method == 'speculative' else 0)
     if max_len > cfg.block_size:
         raise ValueError(f'{len(prompt)} prompt tokens + max_new_tokens={max_new_tokens}'
                          + (f' + spec_k={spec_k}' if method == 'speculative' else '')
                          + f' exceed the block_size={cfg.block_size} the model was trained for')
-    dec = Decoder(model, prompt, max_len)
-    dec.prefill()
+    dec = decoder(model, max_len, graphs)
+    dec.start(prompt)
     out = {'tokens': [], 'exit_layers': [], 'max_probs': [], 'logprobs': [], 'drafted': 0, 'accepted': 0}
 
-    def emit(tok, depth, probs, logits):
+    def emit(tok, depth, probs, logprob):
         dec.tokens.append(tok)
         out['tokens'].append(tok)
         out['exit_layers'].append(depth)
         out['max_probs'].append(probs)
-        out['logprobs'].append(float(logits.float().log_softmax(-1)[0, tok]))
+        out['logprobs'].append(logprob)
         if on_token:
             on_token(tok, depth, probs)
         return len(out['tokens']) >= max_new_tokens or tok == stop
@@ -194,7 +255,8 @@ def generate(model, prompt, max_new_tokens, method='full', thres=None, allowed=N
     if method in ('full', 'recompute'):
         thres = float('inf') if (method == 'full' or thres is None) else thres
         while True:
-            if emit(*dec.step(allowed if thres != float('inf') else set(), thres, pick)):
+            tok, depth, probs, _, logprob = dec.step(allowed if thres != float('inf') else set(), thres, pick)
+            if emit(tok, depth, probs, logprob):
                 break
     elif method == 'speculative':
         d = cfg.exit_depths[spec_exit]
@@ -203,34 +265,30 @@ def generate(model, prompt, max_new_tokens, method='full', thres=None, allowed=N
             n = len(dec.tokens)
             drafts, qs = [], []
             for _ in range(spec_k):  # draft with the exit (layers < d, the shared KV)
-                tok, _, _, logits = dec.step(set(), float('inf'), pick, stop_depth=d)
+                tok, _, _, logits, _ = dec.step(set(), float('inf'), pick, stop_depth=d)
                 drafts.append(tok)
                 qs.append(dist(logits) if temperature else None)
                 dec.tokens.append(tok)
             del dec.tokens[n:]
-            # verify: the remaining layers for the k drafted positions in one forward
-            start, t = n - 1, n + spec_k - 2
-            h = torch.cat([dec.hidden.pop(p) for p in range(start, t + 1)], dim=1)
-            pos = torch.arange(start, t + 1, device=h.device)
-            for k, block in model.blocks.items():
-                if int(k) >= d:
-                    h = block(h, model.rope(pos), pos)
-            full = full_vocab(model, model.final_logits(h))[0]  # (k, V): the full model's next token after each position
-            del dec.done[start:]
-            dec.done += [cfg.n_layer] * (t - start + 1)
+            # verify: the remaining layers for the k drafted positions n-1.. in one forward
+            dec.t.fill_(n + spec_k - 2)
+            full, best = dec.run(d, L, spec_k, 'final', rows=spec_k)  # (k, V): the full model after each position
+            best = best.tolist()
+            dec.done[n - 1:] = [L] * spec_k
             out['drafted'] += spec_k
             finished = False
             for j in range(spec_k):
                 if temperature == 0:  # greedy: keep the draft while it is the full model's argmax
-                    want = pick(full[j:j + 1])
+                    want, logprob = int(best[j][1]), best[j][2]
                     ok = want == drafts[j]
                 else:  # accept with prob min(1, p/q), else draw from max(0, p - q) (Leviathan et al. 2023)
                     p, q, x = dist(full[j:j + 1]), qs[j], drafts[j]
                     ok = bool(torch.rand(1, generator=gen, device=p.device) * q[x] < p[x])
                     rest = (p - q).clamp(min=0)
                     want = x if ok else int(torch.multinomial(rest / rest.sum(), 1, generator=gen))
+                    logprob = float(full[j].float().log_softmax(-1)[want])
                 out['accepted'] += ok
-                if emit(want, d if ok else cfg.n_layer, {}, full[j:j + 1]):
+                if emit(want, d if ok else L, {}, logprob):
                     finished = True
                     break
                 if not ok:
@@ -240,7 +298,6 @@ def generate(model, prompt, max_new_tokens, method='full', thres=None, allowed=N
                 break
     else:
         raise ValueError(f"method={method!r}; allowed: 'full', 'recompute', 'speculative'")
-    model.clear_cache()
     return out
 
 
@@ -533,7 +590,7 @@ def main(args):
     else:
         out = generate(model, ids, cfg['max_new_tokens'], cfg['method'], cfg['early_exit_thres'],
                        pick_exits(cfg['exit_layers']), index.get(cfg['spec_exit']), cfg['spec_k'], cfg['temperature'],
-                       cfg['top_k'], cfg['top_p'], cfg['seed'], eot, show)
+                       cfg['top_k'], cfg['top_p'], cfg['seed'], eot, show, cfg['graphs'])
     dt = time.time() - t0
     n = len(out['tokens'])
     depths = out['exit_layers']

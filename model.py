@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from parallel import (LOCAL, ColumnLinear, RowLinear, VocabEmbedding, check_layout, cross_entropy, enter,
                       mark_splits, seq_shard, take_shard)
@@ -298,6 +299,7 @@ class GPT(nn.Module):
         needs_head = self.last or (mine and not cfg.exit_untie)  # exits share the LM head's matrix
         self.lm_head = ColumnLinear(cfg.n_embd, cfg.vocab_size, False, ps) if needs_head else None
         self.exits = nn.ModuleDict({str(e): ExitHead(cfg, ps) for e in mine})
+        self.checkpoint_blocks = False  # training: recompute each block in the backward instead of storing it
         self.register_buffer('rope_cos', None, persistent=False)
         self.register_buffer('rope_sin', None, persistent=False)
         self.init_weights(seed)
@@ -407,8 +409,12 @@ class GPT(nn.Module):
     def run_blocks(self, x, rope=None, input_pos=None, exits=False):
         """This rank's blocks on hidden state x. Returns (x, [(exit index, hidden it reads)])."""
         taps = []
+        recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
         for i, block in self.blocks.items():
-            x = block(x, rope, input_pos)
+            if recompute:  # keep only the block's input; rerun it (same dropout masks) in the backward
+                x = checkpoint(block, x, rope, input_pos, use_reentrant=False)
+            else:
+                x = block(x, rope, input_pos)
             if exits:
                 taps += [(e, x) for e in self.exits_after.get(int(i) + block.width - 1, ())]
         return x, taps

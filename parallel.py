@@ -398,10 +398,13 @@ def clip_grad_norm_(params, max_norm, ps):
     replicated ones count on tp rank 0 only, copies on several stages on the first one,
     dp replicas are equal and count once."""
     params = list({id(p): p for p in params if p.grad is not None}.values())
+    counted = [p.grad for p in params
+               if (getattr(p, 'tp_dim', None) is not None or ps.tp_rank == 0) and not getattr(p, 'duplicate', False)]
     sq = torch.zeros((), device=params[0].device, dtype=torch.float32)
-    for p in params:
-        if (getattr(p, 'tp_dim', None) is not None or ps.tp_rank == 0) and not getattr(p, 'duplicate', False):
-            sq = sq + p.grad.float().pow(2).sum()
+    for dt in dict.fromkeys(g.dtype for g in counted):  # one multi-tensor kernel per dtype
+        acc = torch.promote_types(dt, torch.float32)      # bf16/fp16 sum in float32, float64 in float64
+        norms = torch._foreach_norm([g for g in counted if g.dtype == dt], 2.0, dtype=acc)
+        sq = sq + torch.stack(norms).square().sum().float()
     if ps.tp * ps.pp > 1:
         dist.all_reduce(sq, group=ps.mp_group)
     norm = sq.sqrt()

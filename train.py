@@ -64,6 +64,7 @@ exit_weight_warmup_style = 'linear'  # 'linear' or 'cosine'
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
 compile = False                # torch.compile the model
+activation_checkpointing = False  # recompute each block's activations in the backward: less memory, ~1 more forward
 seed = 1337
 # parallelism (under torchrun; dp = world size / (tp * pp))
 tp = 1                         # tensor-parallel ranks
@@ -569,6 +570,7 @@ def train(cfg):
     ps = ParallelState(cfg['tp'], cfg['pp'], cfg['sp'])
     torch.manual_seed(cfg['seed'] + ps.dp_rank)  # dropout: tp ranks agree, dp ranks differ
     model, _ = build_stage(gptconf, ps, cfg['pp_layers'], cfg['seed'], device)
+    model.checkpoint_blocks = cfg['activation_checkpointing']
     if cfg['print_schedule'] and ps.is_main and ps.pp > 1:
         mbs = pipeline_microbatches(cfg, ps, cfg['gradient_accumulation_steps'] // ps.dp)
         text, end, busy = draw(ps.pp, [schedule(ps.pp, s, mbs) for s in range(ps.pp)], mbs,

@@ -232,3 +232,28 @@ def test_cli_under_torchrun_tp_and_pipeline(tmp_path):
         assert got.returncode == 0, got.stderr[-2000:]
         got = json.loads(got.stdout.strip().splitlines()[-1])
         assert got['tokens'] == want['tokens'] and got['exit_layers'] == want['exit_layers'], extra
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='CUDA graphs need a GPU')
+@pytest.mark.parametrize('v', VARIANTS, ids=['gpt2-exit_block', 'llama-exit_mlp'])
+def test_cuda_graph_decoding_equals_eager(v):
+    """Every segment replayed as a CUDA graph gives the eager decoder's tokens, exits and
+    log probs, for every method, over repeated calls that reuse the captured graphs."""
+    model = peaked_model(v).cuda()
+    runs = [('full', {}), ('speculative', dict(spec_exit=0, spec_k=3)), ('speculative', dict(spec_exit=2, spec_k=4))]
+    runs += [('recompute', dict(thres=t)) for t in (0.0, 0.3, 0.6, 0.9)]
+    wants = [generate.generate(model, PROMPT, 24, method, graphs=False, **kw) for method, kw in runs]
+    for (method, kw), want in zip(runs + runs, wants + wants):  # the second round replays the graphs
+        got = generate.generate(model, PROMPT, 24, method, graphs=True, **kw)
+        assert got['tokens'] == want['tokens'] and got['exit_layers'] == want['exit_layers'], (method, kw)
+        assert got['logprobs'] == pytest.approx(want['logprobs'], abs=1e-9)
+    assert model.decoder.graphs and len(model.decoder.captured) >= 6
+
+
+def test_bench_early_exit_decode_runs_tiny_on_cpu():
+    import bench
+    out = bench.main(['--mode=decode', '--shape=tiny', '--device=cpu', '--exit_layers=[1]', '--batch=[1]',
+                      '--prompt_len=8', '--new_tokens=4', '--exit_rates=[0,0.5]'])
+    steps = [r['step'] for r in out['runs']]
+    assert steps == ['eager', 'decoder', 'decoder, 0% exit at 1', 'decoder, 50% exit at 1'], steps
+    assert all(r['speedup_vs_decoder'] > 0 for r in out['runs'][2:])

@@ -9,6 +9,7 @@ import torch
 
 import train
 from model import GPT, GPTConfig
+from parallel import LOCAL, clip_grad_norm_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,6 +98,54 @@ def test_weighted_loss_and_its_gradient():
     assert model.exits['0'].out.weight.grad.abs().sum() > 0
 
 
+def test_clip_grad_norm_counts_each_parameter_once():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7, dtype=torch.bfloat16)),
+              torch.nn.Parameter(torch.randn(4, dtype=torch.float64)), torch.nn.Parameter(torch.randn(2)),
+              torch.nn.Parameter(torch.randn(3))]
+    for p in params[:4]:
+        p.grad = torch.randn_like(p) * 3
+    params[3].duplicate = True  # a copy held on another stage too: clipped, not counted
+    grads = [p.grad.clone() for p in params[:4]]
+    want = math.sqrt(sum(g.double().pow(2).sum().item() for g in grads[:3]))
+    norm = clip_grad_norm_(params + params[:1], 1.0, LOCAL)  # a repeated parameter counts once
+    assert norm.dtype == torch.float32 and norm.item() == pytest.approx(want, rel=1e-6)
+    for p, g in zip(params, grads):
+        tol = 1e-2 if g.dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(p.grad, (g.float() / want).to(g.dtype), rtol=tol, atol=0)
+    assert clip_grad_norm_(params, 2.0, LOCAL).item() == pytest.approx(1.0, rel=1e-2)  # under max_norm: unchanged
+    torch.testing.assert_close(params[0].grad, grads[0] / want, rtol=1e-5, atol=0)
+
+
+def test_activation_checkpointing_same_loss_and_grads():
+    """Recomputed blocks give the same loss and gradients, dropout masks included."""
+    cfg = GPTConfig(arch='llama', n_layer=4, n_head=4, n_embd=64, vocab_size=64, block_size=32, exit_layers=(1, 3),
+                    dropout=0.1)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 64, (2, 32), generator=g), torch.randint(0, 64, (2, 32), generator=g)
+
+    def run(recompute):
+        model = GPT(cfg, seed=0)
+        model.checkpoint_blocks = recompute
+        saved = []  # the tensors autograd keeps outside checkpointed blocks
+        torch.manual_seed(1)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            total, loss, exit_losses = train.weighted_loss(model, x, y, [0.5, 1.0])
+        total.backward()
+        return [total, loss, *exit_losses], {n: p.grad for n, p in model.named_parameters()}, len(saved)
+
+    losses, grads, n_saved = run(False)
+    ckpt_losses, ckpt_grads, ckpt_saved = run(True)
+    assert ckpt_saved < n_saved / 2  # the blocks' activations are not kept
+    for a, b in zip(losses, ckpt_losses):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == ckpt_grads.keys()
+    for n, g in grads.items():
+        torch.testing.assert_close(ckpt_grads[n], g, rtol=1e-6, atol=1e-6, msg=n)
+    torch.manual_seed(2)
+    assert train.weighted_loss(GPT(cfg, seed=0), x, y, [0.5, 1.0])[0].item() != losses[0].item()  # dropout acts
+
+
 def test_batches_depend_only_on_seed_and_step():
     a = train.batch_offsets(10_000, 32, 8, seed=1, step=5, split='train')
     assert torch.equal(a, train.batch_offsets(10_000, 32, 8, seed=1, step=5, split='train'))
@@ -159,6 +208,19 @@ def test_resume_continues_the_same_curve(dataset, tmp_path):
         assert split[it]['loss'] == pytest.approx(full[it]['loss'], rel=1e-6, abs=1e-6)
         assert split[it]['exit_losses'] == pytest.approx(full[it]['exit_losses'], rel=1e-6, abs=1e-6)
         assert split[it]['lr'] == full[it]['lr'] and split[it]['exit_weights'] == full[it]['exit_weights']
+
+
+def test_activation_checkpointing_same_curve(dataset, tmp_path):
+    common = dict(max_iters=6, eval_interval=6, dropout=0.1, gradient_accumulation_steps=2)
+    train.train(run_cfg(dataset, tmp_path / 'plain', **common))
+    model = train.train(run_cfg(dataset, tmp_path / 'ckpt', activation_checkpointing=True, **common))
+    assert model.checkpoint_blocks
+    plain, ckpt = [[r for r in read_log(tmp_path / d) if 'loss' in r] for d in ('plain', 'ckpt')]
+    assert len(plain) == len(ckpt) == 6
+    for a, b in zip(plain, ckpt):
+        assert b['loss'] == pytest.approx(a['loss'], rel=1e-6, abs=1e-6)
+        assert b['exit_losses'] == pytest.approx(a['exit_losses'], rel=1e-6, abs=1e-6)
+        assert b['grad_norm'] == pytest.approx(a['grad_norm'], rel=1e-5)
 
 
 def test_checkpoint_errors(dataset, tmp_path):
