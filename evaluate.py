@@ -1,29 +1,47 @@
 """
 Evaluate a trained checkpoint on its dataset's val split: loss and perplexity of the final
 head and of every exit, as trained or with layer-parallel pairs, or a sweep over every
-pair span (arXiv 2502.02790, "Leveraging the True Depth of LLMs").
+pair span (arXiv 2502.02790, "Leveraging the True Depth of LLMs"), or the quality-speed
+frontier of early exit over confidence thresholds (EE-LLM, arXiv 2312.04916).
 
     python evaluate.py --out_dir=out-pystdlib
     python evaluate.py --out_dir=out-pystdlib --layer_parallel=[2,4]
     python evaluate.py --out_dir=out-pystdlib --sweep=pairs       # every span: depth vs perplexity
     torchrun --nproc_per_node=2 evaluate.py --out_dir=out-pystdlib --tp=2 --sweep=pairs
+    python evaluate.py --out_dir=out-pystdlib --sweep=thresholds  # early exit: quality vs speed
+    python evaluate.py --out_dir=out-pystdlib --sweep=thresholds --thresholds=[0.9,0.8] --spec_exits=[2]
 
-The sweep tries every even span [start, end) that the exits allow (none between the two
-blocks of a pair) and prints one row per span: the sequential depth left (n_layer minus
+The pairs sweep tries every even span [start, end) that the exits allow (none between the
+two blocks of a pair) and prints one row per span: the sequential depth left (n_layer minus
 one per pair), the val loss and perplexity, the change against no pairs, and each exit's
 loss. The last line is JSON with every row.
+
+The thresholds sweep (EE-LLM's confidence exit; LayerSkip's self-speculation, arXiv 2404.16710)
+gives, for the full model, each threshold (a token leaves at the first exit whose max softmax
+probability reaches it) and each drafting exit: val perplexity (each position scored by the
+head it leaves at), greedy agreement with the full model on `prompts` val windows, next-line
+exact match on `lines` function-body lines of the val text, and batch-1 decoding speed:
+tokens/s, speedup over full, tokens per exit, layer-count speedup. It names the fastest
+threshold within 1% of the full model's perplexity and writes <report>.csv, .json, .png
+(with matplotlib) and .exits.txt (which tokens left early). Generation runs in float32 as
+generate.py does; `dtype` applies to the val loss.
 """
 
+import csv
 import json as _json  # (json is a key below)
 import math
+import os
+import random
 import sys
 import time
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
+from generate import full_vocab, generate, tokenizer
 from parallel import ParallelState, init_distributed
-from train import Checkpoint, autocast, configure, evaluate, load_data, load_model
+from train import Checkpoint, autocast, batch_offsets, configure, evaluate, get_batch, load_data, load_model
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-pystdlib'
@@ -35,7 +53,16 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
 tp = 1                          # tensor-parallel ranks (under torchrun)
 layer_parallel = None           # [start, end): run these blocks in parallel pairs; None: as saved
-sweep = ''                      # 'pairs': every pair span
+sweep = ''                      # 'pairs': every pair span; 'thresholds': the early-exit frontier
+thresholds = tuple(round(1 - 0.05 * i, 2) for i in range(21))  # 1.0 down to 0.0
+prompts = 8                     # val windows for agreement and speed
+prompt_len = 64                 # tokens per window (shortened to fit block_size if need be)
+gen_tokens = 64                 # greedy tokens generated after each window
+repeats = 2                     # timed runs of each window; the fastest counts (the first warms up)
+lines = 40                      # function-body lines for the next-line exact match (0: skip)
+spec_exits = None               # exit_layers numbers to draft with (self-speculation); None: every exit
+spec_k = 4                      # tokens drafted per verification
+report = ''                     # file prefix for .csv/.json/.png/.exits.txt; '': out_dir/frontier
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, list, type(None)))}
@@ -62,8 +89,288 @@ def val_losses(cfg, ps, dev, data, ctx, span=None):
                     exit_losses=exits)
 
 
+# -----------------------------------------------------------------------------
+# the early-exit frontier: quality and speed per confidence threshold (EE-LLM, arXiv 2312.04916)
+
+MARKS = '123456789abcdefghijklmnopqrstuvwxyz'  # exits in the .exits.txt view
+COLUMNS = ['name', 'policy', 'threshold', 'spec_exit', 'val_loss', 'val_ppl', 'ppl_change', 'agreement',
+           'next_line_em', 'tokens_per_s', 'speedup', 'mean_depth', 'layer_speedup', 'acceptance', 'identical']
+
+
+@torch.no_grad()
+def threshold_losses(model, data, cfg, ctx, thresholds):
+    """The confidence rule on train.evaluate's val batches: each position is scored by the CE
+    of the first exit (in depth order) whose max probability >= threshold, else of the final
+    head. Returns (the final head's loss, [loss per threshold])."""
+    T, dev = model.config.block_size, cfg['device']
+    th = torch.tensor(list(thresholds) + [float('inf')], device=dev)  # the last: no exit fires (the full model)
+    totals, n = torch.zeros(len(th), dtype=torch.float64, device=dev), 0
+    for k in range(cfg['eval_iters']):
+        offs = batch_offsets(len(data['val']), T, cfg['batch_size'], cfg['seed'], -1 - k, 'val')
+        x, y = get_batch(data['val'], offs, T, dev)
+        with ctx:
+            logits, exit_logits = model(x, exits=True)
+        p_max, ce = [], []
+        for lg in exit_logits + [logits]:  # heads in depth order, the final one last
+            lg = full_vocab(model, lg).float().flatten(0, 1)  # (N, V)
+            p_max.append(lg.softmax(-1).amax(-1))
+            ce.append(F.cross_entropy(lg, y.view(-1), reduction='none'))
+        p_max, ce = torch.stack(p_max), torch.stack(ce)  # (H, N)
+        fire = p_max[:, None, :] >= th[None, :, None]  # (H, K, N)
+        fire[-1] = True  # the final head always answers
+        first = fire & (fire.cumsum(0) == 1)  # the first head that fires
+        totals += (first * ce[:, None, :]).sum((0, 2))
+        n += y.numel()
+    losses = (totals / n).tolist()
+    return losses[-1], losses[:-1]
+
+
+def next_line_tasks(docs, encode, block_size, n, seed):
+    """n lines inside function bodies (after a `def ...:` line, indented deeper, 4..80
+    characters stripped), chosen by seed. Each task: (prompt ids from the function's def line
+    up to the line, left-cropped to fit block_size, the line's text, max new tokens)."""
+    cands = []
+    for j, doc in enumerate(docs):
+        defs, pos = [], 0  # the open functions: (indent, offset of the def line)
+        for line in doc.split('\n'):
+            s = line.strip()
+            if s:
+                indent = len(line) - len(line.lstrip())
+                while defs and defs[-1][0] >= indent:
+                    defs.pop()
+                if defs and 4 <= len(s) <= 80:
+                    cands.append((j, defs[-1][1], pos, line))
+                if s.startswith(('def ', 'async def ')) and s.endswith(':'):
+                    defs.append((indent, pos))
+            pos += len(line) + 1
+    cands = [c for c in cands if len(encode(c[3])) + 8 < block_size]
+    tasks = []
+    for j, start, pos, line in sorted(random.Random(seed).sample(cands, min(n, len(cands)))):
+        new = len(encode(line)) + 8
+        tasks.append((encode(docs[j][start:pos])[-(block_size - new):], line, new))
+    return tasks
+
+
+def next_line_em(model, tasks, decode, nl, **kw):
+    """Share of tasks whose greedy line (up to the first newline) is the target."""
+    hits = [decode(generate(model, ids, new, stop=nl, **kw)['tokens']).split('\n')[0] == line
+            for ids, line, new in tasks]
+    return sum(hits) / len(hits) if hits else None
+
+
+def timed(model, prompts, n, dev, repeats, **kw):
+    """generate() on every prompt, batch 1, `repeats` times each. Returns (outputs, tokens/s of
+    wall clock, each prompt's fastest run counted, prefill included)."""
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.startswith('cuda') else (lambda: None)
+    outs, seconds = [], 0.0
+    for p in prompts:
+        fastest = float('inf')
+        for _ in range(repeats):  # (the first run of a policy also warms it up)
+            sync()
+            t0 = time.perf_counter()
+            out = generate(model, p, n, stop=None, **kw)
+            sync()
+            fastest = min(fastest, time.perf_counter() - t0)
+        outs.append(out)
+        seconds += fastest
+    return outs, sum(len(o['tokens']) for o in outs) / seconds
+
+
+def decode_row(name, outs, ref, tok_s, full_tok_s, names):
+    """A row: agreement with the reference continuations (common prefix / length), speed, the
+    share of tokens per head and the layer-count speedup."""
+    prefix = lambda a, b: next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    depths = [d for o in outs for d in o['exit_layers']]
+    mean_depth = sum(depths) / len(depths)
+    agreement = sum(prefix(o['tokens'], r['tokens']) / len(r['tokens']) for o, r in zip(outs, ref)) / len(ref)
+    return dict(dict.fromkeys(COLUMNS), name=name, tokens_per_s=tok_s, speedup=tok_s / full_tok_s, agreement=agreement,
+                mean_depth=mean_depth, layer_speedup=max(names) / mean_depth,  # (max(names): n_layer)
+                shares={label: depths.count(d) / len(depths) for d, label in names.items()})
+
+
+def exit_view(pieces, depths, exit_depths):
+    """Each text line followed by a line of the same width marking the head each character's
+    token left at: '1' the first exit, '2' the second, ..., ' ' the final head."""
+    mark = {d: MARKS[i] for i, d in enumerate(exit_depths)}
+    text = ''.join(c if c.isprintable() or c == '\n' else '·' for c in ''.join(pieces))
+    marks = ''.join(mark.get(d, ' ') * len(p) for p, d in zip(pieces, depths))  # one per character of text
+    out, i = [], 0
+    for line in text.split('\n'):
+        out += [line, marks[i:i + len(line)]]
+        i += len(line) + 1
+    return out
+
+
+def plot(path, rows, title):
+    """The frontier: speedup (measured and layer-count) against the val perplexity change."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ee = [r for r in rows if r['policy'] != 'speculative']
+    y = [100 * r['ppl_change'] for r in ee]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.plot([r['speedup'] for r in ee], y, 'o-', label='measured speedup (tokens/s over full)')
+    ax.plot([r['layer_speedup'] for r in ee], y, 's--', alpha=0.5, label='layer-count speedup (n_layer / mean depth)')
+    for r, v in zip(ee, y):
+        ax.annotate(r['name'], (r['speedup'], v), textcoords='offset points', xytext=(4, 4), fontsize=7)
+    for r in rows[len(ee):]:
+        ax.plot(r['speedup'], 0, '*', ms=14, label=f"self-speculative from {r['name'][5:]} (lossless)")
+    ax.axhline(1, ls=':', c='grey', label='+1% perplexity')
+    ax.set_yscale('symlog', linthresh=1)
+    ax.set_ylim(bottom=min(y) - 0.1)
+    ax.set(xlabel='speedup over the full model (x)', ylabel='val perplexity change vs full (%)', title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches='tight')
+    plt.close(fig)
+    return True
+
+
+def check_frontier(cfg, mc):
+    """The sweep's keys against the model. Returns (thresholds, drafting exit layers, prompt length)."""
+    if not mc.exit_layers:
+        sys.exit(f"sweep=thresholds needs a checkpoint with exits; {cfg['out_dir']} has exit_layers=[] "
+                 '(convert.py add_exits adds some)')
+    ths, spec = cfg['thresholds'], cfg['spec_exits']
+    bad = [t for t in ths if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1]
+    if not ths or bad:
+        sys.exit(f'thresholds={list(ths)}: not allowed: {bad or "no thresholds"}; each must be a number in '
+                 '[0, 1] (a max softmax probability), e.g. --thresholds=[0.9,0.8]')
+    spec = list(mc.exit_layers) if spec is None else [spec] if isinstance(spec, int) else list(spec)
+    if any(L not in mc.exit_layers for L in spec):
+        sys.exit(f"spec_exits={spec}: allowed: the model's exit_layers {list(mc.exit_layers)} (or [] for none)")
+    for k, low in (('prompts', 1), ('prompt_len', 1), ('gen_tokens', 1), ('repeats', 1), ('lines', 0),
+                   ('spec_k', 1)):
+        if not isinstance(cfg[k], int) or cfg[k] < low:
+            sys.exit(f'{k}={cfg[k]!r}; allowed: an int >= {low}')
+    room = mc.block_size - cfg['gen_tokens'] - cfg['spec_k']  # (a prompt of `room` tokens fits)
+    if room < 1:
+        sys.exit(f"gen_tokens={cfg['gen_tokens']}: no room for a prompt in block_size={mc.block_size}; "
+                 f"allowed: gen_tokens <= {mc.block_size - cfg['spec_k'] - 1} (block_size - spec_k - 1)")
+    return [float(t) for t in ths], spec, min(cfg['prompt_len'], room)
+
+
+def frontier(cfg, ps, dev, data, data_meta, ctx):
+    """--sweep=thresholds: rows for the full model, each threshold and each drafting exit."""
+    model, ckpt = load_model(cfg['out_dir'], ps, dev, layer_parallel=cfg['layer_parallel'])
+    model.eval()
+    mc, n, t0 = model.config, cfg['gen_tokens'], time.time()
+    ths, spec, plen = check_frontier(cfg, mc)
+    final, losses = threshold_losses(model, data, dict(cfg, device=dev), ctx, ths)
+    tokens = cfg['eval_iters'] * cfg['batch_size'] * mc.block_size
+    print(f'val loss per threshold on {tokens:,} tokens: {time.time() - t0:.1f} s')
+    g = torch.Generator().manual_seed(cfg['seed'])
+    offs = torch.randint(len(data['val']) - plen, (cfg['prompts'],), generator=g)
+    prompts = [data['val'][i:i + plen].astype(int).tolist() for i in offs.tolist()]
+    encode, decode = tokenizer(ckpt.meta, cfg['out_dir'])
+    tasks, nl, eot = [], None, data_meta.get('eot_token')
+    if decode is None:
+        print('the checkpoint names no tokenizer: the next-line exact match and the exits view are skipped')
+    elif cfg['lines']:
+        text, sep = decode(data['val'].tolist()), decode([eot]) if eot is not None else ''
+        tasks = next_line_tasks(text.split(sep) if sep else [text], encode, mc.block_size, cfg['lines'], cfg['seed'])
+        nl = encode('\n')[0] if len(encode('\n')) == 1 else None  # stop there (the text is cut at '\n' anyway)
+        print(f'next-line exact match on {len(tasks)} function-body lines of the val text')
+    index = {L: e for e, L in enumerate(mc.exit_layers)}
+    names = {d: f'exit {L}' for L, d in zip(mc.exit_layers, mc.exit_depths)} | {mc.n_layer: 'final'}
+    speculative = [dict(method='speculative', spec_exit=index[L], spec_k=cfg['spec_k']) for L in spec]
+    ref, full_tok_s = timed(model, prompts, n, dev, cfg['repeats'], method='full')
+    rows = []
+    for th, loss in [(None, final)] + list(zip(ths, losses)):
+        kw = dict(method='full') if th is None else dict(method='recompute', thres=th)
+        outs, tok_s = (ref, full_tok_s) if th is None else timed(model, prompts, n, dev, cfg['repeats'], **kw)
+        r = decode_row('full' if th is None else f'{th:.2f}', outs, ref, tok_s, full_tok_s, names)
+        r.update(policy='full' if th is None else 'early exit', threshold=th, val_loss=loss, val_ppl=math.exp(loss),
+                 ppl_change=math.exp(loss - final) - 1, next_line_em=next_line_em(model, tasks, decode, nl, **kw))
+        rows.append(r)
+        print(f"{r['name']}: val perplexity {r['val_ppl']:.3f} ({r['ppl_change']:+.2%}), {tok_s:.1f} tokens/s, "
+              f'{time.time() - t0:.1f} s elapsed')
+    for L, kw in zip(spec, speculative):  # LayerSkip: draft with exit L, verify with the rest
+        outs, tok_s = timed(model, prompts, n, dev, cfg['repeats'], **kw)
+        r = decode_row(f'spec exit {L}', outs, ref, tok_s, full_tok_s, names)
+        r.update(policy='speculative', spec_exit=L, mean_depth=None, layer_speedup=None,
+                 acceptance=sum(o['accepted'] for o in outs) / max(1, sum(o['drafted'] for o in outs)),
+                 identical=all(o['tokens'] == x['tokens'] for o, x in zip(outs, ref)))
+        rows.append(r)
+        print(f"{r['name']}: {tok_s:.1f} tokens/s, identical to full: {r['identical']}, "
+              f'{time.time() - t0:.1f} s elapsed')
+    print_table(rows, names, f"{tokens:,} val tokens; {len(prompts)} prompts of {plen} tokens + {n} new ones, batch 1, "
+                f"{dev}; {mc.n_layer} blocks, exits after blocks {list(mc.exit_depths)}")
+    best = pick_best(rows)
+    prefix = cfg['report'] or os.path.join(cfg['out_dir'], 'frontier')
+    result = {'out_dir': cfg['out_dir'], 'tokens': tokens, 'prompts': cfg['prompts'], 'prompt_len': plen,
+              'gen_tokens': n, 'lines': len(tasks), 'best': best and best['threshold'], 'rows': rows}
+    view = exits_view(model, prompts[0], n, best['threshold'] if best else 0.8, decode, mc) if decode else None
+    write_report(prefix, result, names, f"{cfg['out_dir']}: {mc.n_layer} blocks, exits {list(mc.exit_layers)}", view)
+    print(_json.dumps(result))
+    return result
+
+
+def print_table(rows, names, title):
+    cell = lambda v, spec, unit='': '-' if v is None else format(v, spec) + unit
+    print(title)
+    print(f"{'threshold':>12} {'val ppl':>8} {'vs full':>8} {'agree':>7} {'next-line EM':>12} {'tokens/s':>9} "
+          f"{'speedup':>8} {'layers':>7}  share of tokens {' / '.join(names.values())}")
+    for r in rows:
+        print(f"{r['name']:>12} {cell(r['val_ppl'], '.3f'):>8} {cell(r['ppl_change'], '+.2%'):>8} "
+              f"{cell(r['agreement'], '.1%'):>7} {cell(r['next_line_em'], '.1%'):>12} {r['tokens_per_s']:>9.1f} "
+              f"{r['speedup']:>7.2f}x {cell(r['layer_speedup'], '.2f', 'x'):>7}  "
+              + ' / '.join(f'{v:.0%}' for v in r['shares'].values())
+              + ('' if r['acceptance'] is None else
+                 f"; drafts accepted {r['acceptance']:.1%}, identical to full: {r['identical']}"))
+
+
+def pick_best(rows):
+    """The fastest threshold (measured) within 1% of the full model's perplexity; if none,
+    the smallest change among those faster than the full model."""
+    ee = [r for r in rows if r['policy'] == 'early exit']
+    ok = [r for r in ee if r['ppl_change'] <= 0.01]
+    best = max(ok, key=lambda r: r['speedup']) if ok else \
+        min((r for r in ee if r['speedup'] > 1), key=lambda r: r['ppl_change'], default=None)
+    if best is None:
+        print('best threshold: none is within 1% of the full model\'s val perplexity, and none is faster than it')
+    else:
+        print(f"best threshold: {best['name']}, {best['speedup']:.2f}x measured ({best['layer_speedup']:.2f}x "
+              f"layer-count), val perplexity {best['ppl_change']:+.2%} vs full "
+              + ('(the fastest within 1%)' if ok else '(none is within 1%: the smallest change faster than full)')
+              + ('; slower than the full model here' if best['speedup'] < 1 else ''))
+    return best
+
+
+def exits_view(model, prompt, n, th, decode, mc):
+    """The .exits.txt view: one continuation at threshold th, marked by the head each token left at."""
+    out = generate(model, prompt, n, 'recompute', thres=th)
+    return [f"which head each token of prompt 1's continuation left at, threshold {th:.2f}",
+            'marks: ' + ', '.join(f'{MARKS[e]} = exit {L}' for e, L in enumerate(mc.exit_layers))
+            + ', blank = the final head'] + exit_view([decode([t]) for t in out['tokens']], out['exit_layers'],
+                                                      mc.exit_depths)
+
+
+def write_report(prefix, result, names, title, view):
+    """<prefix>.csv (one row per policy), .json (everything), .png (with matplotlib), .exits.txt."""
+    os.makedirs(os.path.dirname(prefix) or '.', exist_ok=True)
+    with open(prefix + '.csv', 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS + [f"share_{s.replace(' ', '')}" for s in names.values()])
+        w.writerows([r[c] for c in COLUMNS] + [r['shares'][s] for s in names.values()] for r in result['rows'])
+    with open(prefix + '.json', 'w') as f:
+        _json.dump(result, f, indent=1)
+    drawn = plot(prefix + '.png', result['rows'], title)
+    if view:
+        with open(prefix + '.exits.txt', 'w') as f:
+            f.write('\n'.join(view) + '\n')
+        print('\n'.join(view))
+    print(f"wrote {prefix}.csv, {prefix}.json" + (f', {prefix}.png' if drawn else '')
+          + (f', {prefix}.exits.txt' if view else '') + ('' if drawn else ' (no matplotlib: the picture was skipped)'))
+
+
 def main(args):
     cfg = configure(DEFAULTS, args)
+    if cfg['sweep'] == 'thresholds' and cfg['tp'] != 1:
+        sys.exit(f"sweep=thresholds decodes at batch 1 in one process; got tp={cfg['tp']}, allowed: tp=1")
     dev = init_distributed(cfg['device'])
     ps = ParallelState(cfg['tp'])
     if ps.dp > 1:
@@ -71,10 +378,12 @@ def main(args):
     say = print if ps.is_main else (lambda *a, **k: None)
     ctx = autocast('cuda' if dev.startswith('cuda') else 'cpu', cfg['dtype'])
     meta = Checkpoint(cfg['out_dir']).meta
-    data, _ = load_data(cfg['dataset'] or (meta.get('train_config') or {}).get('dataset') or 'pystdlib')
+    data, data_meta = load_data(cfg['dataset'] or (meta.get('train_config') or {}).get('dataset') or 'pystdlib')
     t0 = time.time()
-    if cfg['sweep'] not in ('', 'pairs'):
-        sys.exit(f"sweep={cfg['sweep']!r}; allowed: 'pairs' (or '' for one evaluation)")
+    if cfg['sweep'] not in ('', 'pairs', 'thresholds'):
+        sys.exit(f"sweep={cfg['sweep']!r}; allowed: 'pairs', 'thresholds' (or '' for one evaluation)")
+    if cfg['sweep'] == 'thresholds':
+        return frontier(cfg, ps, dev, data, data_meta, ctx)
     mc, row = val_losses(cfg, ps, dev, data, ctx, cfg['layer_parallel'])
     rows = [row]
     if cfg['sweep'] == 'pairs':

@@ -1,0 +1,170 @@
+"""evaluate.py --sweep=thresholds against independent references: train.evaluate's losses, a
+per-position loop over the heads' logits, the full model's greedy tokens, hand-made texts."""
+
+import csv
+import json
+import os
+import sys
+import sysconfig
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import evaluate
+import train
+from model import GPT, GPTConfig
+
+TRAIN_FILES = ['argparse.py', 'textwrap.py', 'shlex.py', 'fractions.py', 'string.py', 'glob.py']
+VAL_FILES = ['json/encoder.py', 'json/decoder.py', 'fnmatch.py']
+THRESHOLDS = [1.0, 0.6, 0.3, 0.0]
+MIDDLE = 0.6
+
+
+def write_dataset(d):
+    """Byte-level Python source as data/pystdlib's: files joined by the end-of-text byte 0."""
+    root = sysconfig.get_paths()['stdlib']
+    os.makedirs(d)
+    for split, files in (('train', TRAIN_FILES), ('val', VAL_FILES)):
+        text = b''.join(open(os.path.join(root, f), 'rb').read().replace(b'\0', b'') + b'\0' for f in files)
+        np.frombuffer(text, dtype=np.uint8).tofile(os.path.join(d, f'{split}.bin'))
+    with open(os.path.join(d, 'meta.json'), 'w') as f:
+        json.dump({'vocab_size': 256, 'tokenizer': 'bytes', 'dtype': 'uint8', 'eot_token': 0}, f)
+
+
+@pytest.fixture(scope='module')
+def sweep(tmp_path_factory):
+    """A tiny model with exits after blocks 1 and 2, trained until its exits are confident
+    on some tokens, and the sweep's result."""
+    d = tmp_path_factory.mktemp('frontier')
+    write_dataset(str(d / 'data'))
+    train.train(train.configure(train.DEFAULTS, [
+        f'--out_dir={d / "ckpt"}', f'--dataset={d / "data"}', '--device=cpu', '--dtype=float32', '--arch=llama',
+        '--n_layer=3', '--n_head=2', '--n_embd=32', '--block_size=64', '--exit_layers=[1,2]', '--exit_norm',
+        '--batch_size=8', '--max_iters=150', '--eval_interval=150', '--eval_iters=2', '--log_interval=50',
+        '--learning_rate=1e-2', '--warmup_iters=10', '--exit_weight=0.5']))
+    result = evaluate.main([f'--out_dir={d / "ckpt"}', '--sweep=thresholds', '--device=cpu', '--dtype=float32',
+                            f'--thresholds={THRESHOLDS}', '--eval_iters=2', '--batch_size=4', '--prompts=2',
+                            '--gen_tokens=8', '--lines=3', f'--report={d / "out" / "fr"}'])
+    return d, result
+
+
+def test_val_losses_match_train_evaluate_and_a_loop(sweep):
+    d, result = sweep
+    rows = {r['name']: r for r in result['rows']}
+    model, _ = train.load_model(str(d / 'ckpt'))
+    data, _ = train.load_data(str(d / 'data'))
+    cfg = dict(eval_iters=2, batch_size=4, seed=evaluate.DEFAULTS['seed'], block_size=64, exit_layers=(1, 2),
+               device='cpu')
+    final, exits = train.evaluate(model, data, cfg, train.autocast('cpu', 'float32'), splits=('val',))['val']
+    assert rows['full']['val_loss'] == pytest.approx(final, rel=1e-5)
+    assert rows['0.00']['val_loss'] == pytest.approx(exits[0], rel=1e-5)  # max prob >= 0: exit 1 always fires
+    # the middle threshold: every position on its own, heads in depth order
+    losses, picked = [], set()
+    with torch.no_grad():
+        for k in range(2):
+            offs = train.batch_offsets(len(data['val']), 64, 4, cfg['seed'], -1 - k, 'val')
+            x, y = train.get_batch(data['val'], offs, 64, 'cpu')
+            logits, exit_logits = model(x, exits=True)
+            heads = exit_logits + [logits]
+            for b in range(4):
+                for t in range(64):
+                    h = next((i for i, lg in enumerate(heads[:-1]) if lg[b, t].softmax(-1).max() >= MIDDLE), 2)
+                    picked.add(h)
+                    losses.append(F.cross_entropy(heads[h][b, t], y[b, t]).item())
+    assert picked == {0, 1, 2}  # the threshold splits the positions between all three heads
+    assert rows[f'{MIDDLE:.2f}']['val_loss'] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+
+
+def test_generation_rows(sweep):
+    _, result = sweep
+    rows = result['rows']
+    assert [r['name'] for r in rows] == ['full'] + [f'{t:.2f}' for t in THRESHOLDS] + ['spec exit 1', 'spec exit 2']
+    for r in rows:
+        assert sum(r['shares'].values()) == pytest.approx(1.0)
+        assert r['tokens_per_s'] > 0 and 0 <= r['agreement'] <= 1
+    full, at0 = rows[0], rows[-3]
+    assert full['agreement'] == 1.0 and full['speedup'] == 1.0 and full['shares']['final'] == 1.0
+    assert at0['shares']['exit 1'] == 1.0 and at0['layer_speedup'] == 3.0  # every token leaves after block 1
+    assert all(r['next_line_em'] is not None for r in rows[:-2])
+    for r in rows[-2:]:
+        assert r['identical'] is True and r['agreement'] == 1.0 and 0 <= r['acceptance'] <= 1
+    assert result['best'] in THRESHOLDS
+
+
+def test_report_files(sweep):
+    d, result = sweep
+    with open(d / 'out' / 'fr.csv') as f:
+        table = list(csv.DictReader(f))
+    assert [r['name'] for r in table] == [r['name'] for r in result['rows']]
+    assert [float(r['threshold']) for r in table if r['policy'] == 'early exit'] == THRESHOLDS
+    assert {'share_exit1', 'share_exit2', 'share_final'} <= set(table[0])
+    assert json.loads((d / 'out' / 'fr.json').read_text())['rows'] == json.loads(json.dumps(result['rows']))
+    assert (d / 'out' / 'fr.png').stat().st_size > 1000
+    lines = (d / 'out' / 'fr.exits.txt').read_text().split('\n')[2:-1]  # two header lines, a final newline
+    assert len(lines) >= 2 and len(lines) % 2 == 0
+    for text, marks in zip(lines[::2], lines[1::2]):
+        assert len(marks) == len(text) and set(marks) <= set('12 ')
+
+
+def test_picture_is_skipped_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)  # import matplotlib raises ImportError
+    assert evaluate.plot(str(tmp_path / 'x.png'), [], 'none') is False
+    assert not (tmp_path / 'x.png').exists()
+
+
+def test_next_line_tasks_pick_function_body_lines():
+    src = ('import os\n'
+           'def f(a):\n'
+           '    x = a + 1\n'
+           '\n'
+           '    return x\n'
+           'y = 3\n'
+           'class C:\n'
+           '    def g(self):\n'
+           '        if self:\n'
+           '            pass\n'
+           '    z = 1\n'
+           'def h(\n'
+           '        b):\n'
+           '    return b\n')
+    enc = lambda s: list(s.encode())
+    body = [('def f(a):\n', '    x = a + 1', 21),
+            ('def f(a):\n    x = a + 1\n\n', '    return x', 20),
+            ('    def g(self):\n', '        if self:', 24),
+            ('    def g(self):\n        if self:\n', '            pass', 24)]
+    for block_size in (64, 36):  # 36: prompts left-cropped to 36 - (line + 8) tokens
+        tasks = evaluate.next_line_tasks([src, 'def k():\n  ok\n'], enc, block_size, 100, seed=0)
+        want = [(p[-(block_size - new):], line, new) for p, line, new in body]
+        assert [(bytes(ids).decode(), line, new) for ids, line, new in tasks] == want
+    assert len(evaluate.next_line_tasks([src], enc, 40, 2, seed=0)) == 2
+
+
+def test_next_line_em_cuts_at_the_newline(monkeypatch):
+    said = iter(['    x = 1\n    y', '    x = 1', '    x = 12', '    x = 1 \n'])
+    monkeypatch.setattr(evaluate, 'generate', lambda model, ids, new, stop, **kw: {'tokens': list(next(said).encode())})
+    decode = lambda ids: bytes(ids).decode()
+    assert evaluate.next_line_em(None, [([1], '    x = 1', 17)] * 4, decode, 10, method='full') == 0.5
+
+
+def test_exit_view_marks_each_character():
+    lines = evaluate.exit_view(['ab', 'c\n', 'd\te'], [1, 2, 3], exit_depths=(1, 2))
+    assert lines == ['abc', '112', 'd·e', '   ']
+
+
+def test_bad_inputs_are_clear_errors(sweep, tmp_path):
+    d, _ = sweep
+    base = [f'--out_dir={d / "ckpt"}', '--sweep=thresholds', '--device=cpu', f'--report={tmp_path / "x"}']
+    with pytest.raises(SystemExit, match=r'thresholds=\[0.5, 1.5\]: not allowed: \[1.5\]; each .* in \[0, 1\]'):
+        evaluate.main(base + ['--thresholds=[0.5,1.5]'])
+    with pytest.raises(SystemExit, match=r"spec_exits=\[3\]: allowed: the model's exit_layers \[1, 2\]"):
+        evaluate.main(base + ['--spec_exits=[3]'])
+    with pytest.raises(SystemExit, match='got tp=2, allowed: tp=1'):
+        evaluate.main(base + ['--tp=2'])
+    with pytest.raises(SystemExit, match="sweep='threshold'; allowed: 'pairs', 'thresholds'"):
+        evaluate.main([a.replace('thresholds', 'threshold') for a in base])
+    plain = GPT(GPTConfig(arch='llama', n_layer=2, n_head=2, n_embd=16, vocab_size=256, block_size=64, exit_layers=()))
+    train.save_checkpoint(str(tmp_path / 'plain'), plain, None, {'dataset': str(d / 'data')}, 0, 0.0)
+    with pytest.raises(SystemExit, match='needs a checkpoint with exits'):
+        evaluate.main([f'--out_dir={tmp_path / "plain"}'] + base[1:])
