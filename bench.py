@@ -21,6 +21,12 @@ torch.compile and then captured), with and without layer-parallel pairs.
     torchrun --nproc_per_node=2 bench.py --mode=decode --shape=7b --tp=2 --pairs=[[],[16,30]] --compile=True
     python bench.py --mode=decode --shape=tiny --device=cpu --pairs=[[],[0,2]] --prompt_len=8 --new_tokens=4
 
+With exit_layers, batch 1 also runs generate.py's Decoder (CUDA graphs per segment, one host
+read per token): plainly, with the first exit computed but never taken, and with a share
+(exit_rates) of the tokens forced to leave there, evenly spread.
+
+    python bench.py --mode=decode --shape=7b --compile=True --exit_layers=[16] --batch=[1] --exit_rates=[0,0.5]
+
 Reports ms per step, tokens/s and the memory-bandwidth floor: the bytes a step must read
 (this rank's weights but the embedding, plus the KV cache) over the copy bandwidth
 measured in the same run; 'of_bound' is that floor over the measured step time.

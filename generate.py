@@ -24,6 +24,9 @@ Methods:
   reuses the draft's KV of the shared layers. Greedy output is exactly the full model's;
   with sampling, the accept/reject rule keeps the full model's distribution.
 
+On CUDA (--graphs=True, the default) the blocks between two exits run as one replayed CUDA
+graph (Decoder), and an exit decision costs one small read from the device.
+
 Any method runs with --layer_parallel=[start,end): those blocks run in side-by-side pairs
 (model.Block), which at tp=2 halves the all-reduces of the span; a checkpoint tuned for
 pairs (tune.py) runs with its own span by default.
