@@ -257,12 +257,13 @@ def training(cfg_b, ps, dev):
                 times.append(time.perf_counter() - t0)
         dt = statistics.median(times)
         tokens = cfg['batch_size'] * cfg['gradient_accumulation_steps'] * mcfg.block_size
-        flops = model.flops_per_token(mcfg.block_size) * tokens / dt / ps.world  # per GPU
+        flops_per_token = model.flops_per_token(mcfg.block_size)
+        flops = flops_per_token * tokens / dt / ps.world  # per GPU
         fills = len(train.pipeline_microbatches(cfg, ps, m)) - m if ps.pp > 1 else 0
         r = {'shape': cfg_b['shape'], 'stage_params_M': round(model.num_params() / 1e6, 1), 'exits': list(mcfg.exit_layers),
              'layout': str(ps).split(' rank')[0], 'sp': ps.sp, 'compile': cfg_b['compile'], 'dtype': cfg_b['dtype'],
              'activation_checkpointing': cfg_b['activation_checkpointing'],
-             'flops_per_token': model.flops_per_token(mcfg.block_size),
+             'flops_per_token': flops_per_token,
              'microbatches': m, 'fill_microbatches': fills, 'batch_tokens': tokens,
              'ms_per_step': round(dt * 1000, 2), 'tokens_per_s': round(tokens / dt),
              'tflops_per_gpu': round(flops / 1e12, 1), 'mfu_datasheet': round(flops / peak, 4) if peak else None,

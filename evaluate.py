@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from generate import full_vocab, generate, tokenizer
 from parallel import ParallelState, init_distributed
-from train import Checkpoint, autocast, batch_offsets, configure, evaluate, get_batch, load_data, load_model
+from train import Checkpoint, autocast, configure, eval_batch, evaluate, load_data, load_model
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-pystdlib'
@@ -106,8 +106,7 @@ def threshold_losses(model, data, cfg, ctx, thresholds):
     th = torch.tensor(list(thresholds) + [float('inf')], device=dev)  # the last: no exit fires (the full model)
     totals, n = torch.zeros(len(th), dtype=torch.float64, device=dev), 0
     for k in range(cfg['eval_iters']):
-        offs = batch_offsets(len(data['val']), T, cfg['batch_size'], cfg['seed'], -1 - k, 'val')
-        x, y = get_batch(data['val'], offs, T, dev)
+        x, y = eval_batch(data, 'val', k, T, cfg['batch_size'], cfg['seed'], dev)
         with ctx:
             logits, exit_logits = model(x, exits=True)
         p_max, ce = [], []

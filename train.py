@@ -216,6 +216,12 @@ def batch_offsets(n_tokens, block_size, n_seqs, seed, step, split):
     return torch.randint(n_tokens - block_size - 1, (n_seqs,), generator=g)
 
 
+def eval_batch(data, split, k, block_size, batch_size, seed, device):
+    """Evaluation batch k of a split: fixed by (seed, k), the same at every evaluation."""
+    offs = batch_offsets(len(data[split]), block_size, batch_size, seed, -1 - k, split)
+    return get_batch(data[split], offs, block_size, device)
+
+
 def get_batch(data, offsets, block_size, device):
     x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in offsets.tolist()])
     y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in offsets.tolist()])
@@ -431,8 +437,7 @@ def evaluate(model, data, cfg, ctx, ps=LOCAL, splits=('train', 'val')):
     for split in splits:
         totals = torch.zeros(1 + len(cfg['exit_layers']), device=cfg['device'])
         for k in range(ps.dp_rank, cfg['eval_iters'], ps.dp):
-            offs = batch_offsets(len(data[split]), cfg['block_size'], cfg['batch_size'], cfg['seed'], -1 - k, split)
-            x, y = get_batch(data[split], offs, cfg['block_size'], cfg['device'])
+            x, y = eval_batch(data, split, k, cfg['block_size'], cfg['batch_size'], cfg['seed'], cfg['device'])
             with ctx:
                 if ps.pp > 1:
                     totals += pipeline_eval(model, x, y, ps, len(cfg['exit_layers']))

@@ -160,8 +160,7 @@ def tune(cfg):
         model.eval()
         tot = torch.zeros(n_losses, device=device)
         for k in range(ps.dp_rank, cfg['eval_iters'], ps.dp):
-            offs = train.batch_offsets(len(data['val']), T, B, cfg['seed'], -1 - k, 'val')
-            x, y = train.get_batch(data['val'], offs, T, device)
+            x, y = train.eval_batch(data, 'val', k, T, B, cfg['seed'], device)
             with ctx, torch.no_grad():
                 for e, ce in objective(x, y, [1.0] * n_exits)[1].items():
                     tot[e] += ce
