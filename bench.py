@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 import train
-from generate import Decoder, full_vocab
+from generate import Decoder, compile_decode, full_vocab
 from model import GPT, GPTConfig
 from parallel import GradSync, ParallelState, init_distributed
 from pipeline import build_stage
@@ -202,12 +202,12 @@ def decode(cfg_b, ps, dev):
             if cuda:
                 kinds['graph'] = (reset, cuda_graph(step), P + 3.5 * N)
                 if cfg_b['compile']:  # inductor fuses the small kernels; the graph removes the launches
-                    kinds['compiled graph'] = (reset, cuda_graph(torch.compile(step)), P + 3.5 * N)
+                    kinds['compiled graph'] = (reset, cuda_graph(compile_decode(step)), P + 3.5 * N)
             for kind, (reset, fn, kv_positions) in kinds.items():
                 record(kind, B, time_steps(reset, fn, N, cuda), kv_positions)
             model.clear_cache()
             if B == 1 and mcfg.exit_layers:  # generate.py's early-exit decoder, exits forced at fixed rates
-                dec = Decoder(model, P + N + 8, graphs=cuda)
+                dec = Decoder(model, P + N + 8, graphs=cuda, compile=cfg_b['compile'])
                 prompt = torch.randint(0, mcfg.vocab_size, (P + 1,)).tolist()
                 for rate in (None,) + tuple(cfg_b['exit_rates']):
                     kind = 'decoder' + ('' if rate is None else f', {rate:.0%} exit at {mcfg.exit_layers[0]}')

@@ -62,6 +62,7 @@ repeats = 2                     # timed runs of each window; the fastest counts 
 lines = 40                      # function-body lines for the next-line exact match (0: skip)
 spec_exits = None               # exit_layers numbers to draft with (self-speculation); None: every exit
 spec_k = 4                      # tokens drafted per verification
+compile = False                 # torch.compile each decoding segment (generate.py's key)
 report = ''                     # file prefix for .csv/.json/.png/.exits.txt; '': out_dir/frontier
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items()
@@ -275,11 +276,12 @@ def frontier(cfg, ps, dev, data, data_meta, ctx):
         print(f'next-line exact match on {len(tasks)} function-body lines of the val text')
     index = {L: e for e, L in enumerate(mc.exit_layers)}
     names = {d: f'exit {L}' for L, d in zip(mc.exit_layers, mc.exit_depths)} | {mc.n_layer: 'final'}
-    speculative = [dict(method='speculative', spec_exit=index[L], spec_k=cfg['spec_k']) for L in spec]
-    ref, full_tok_s = timed(model, prompts, n, dev, cfg['repeats'], method='full')
+    fast = dict(compile=cfg['compile'])
+    speculative = [dict(fast, method='speculative', spec_exit=index[L], spec_k=cfg['spec_k']) for L in spec]
+    ref, full_tok_s = timed(model, prompts, n, dev, cfg['repeats'], method='full', **fast)
     rows = []
     for th, loss in [(None, final)] + list(zip(ths, losses)):
-        kw = dict(method='full') if th is None else dict(method='recompute', thres=th)
+        kw = dict(fast, method='full') if th is None else dict(fast, method='recompute', thres=th)
         outs, tok_s = (ref, full_tok_s) if th is None else timed(model, prompts, n, dev, cfg['repeats'], **kw)
         r = decode_row('full' if th is None else f'{th:.2f}', outs, ref, tok_s, full_tok_s, names)
         r.update(policy='full' if th is None else 'early exit', threshold=th, val_loss=loss, val_ppl=math.exp(loss),
