@@ -244,7 +244,7 @@ def _p2p(ops, ps, bufs):
     for is_send, (peer, what, mb) in ops:
         rank = ps.stage_rank(peer)
         if is_send:
-            reqs.append(dist.P2POp(dist.isend, bufs.pop(('send', what, mb)), rank))
+            reqs.append(dist.P2POp(dist.isend, bufs.pop(('send', what, mb)).contiguous(), rank))  # (sp: views)
         else:
             reqs.append(dist.P2POp(dist.irecv, bufs[('recv', what, mb)], rank))
     for req in dist.batch_isend_irecv(reqs):

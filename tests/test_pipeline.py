@@ -133,8 +133,8 @@ def reference_grads(ref, data, cfg, ps_layout, it=0):
     return {n: p.grad for n, p in ref.logical_parameters()}
 
 
-def _pipeline(tp, pp, fill, r=2.0):
-    ps = ParallelState(tp=tp, pp=pp)
+def _pipeline(tp, pp, fill, r=2.0, sp=False):
+    ps = ParallelState(tp=tp, pp=pp, sp=sp)
     scaler = torch.amp.GradScaler('cpu', enabled=False)
     for v in PIPE_VARIANTS:
         mcfg = GPTConfig(**dict(dict(n_layer=4, n_head=4, n_embd=32, vocab_size=40, block_size=8), **v))
@@ -165,10 +165,10 @@ def _pipeline(tp, pp, fill, r=2.0):
             close(b, a)
 
 
-@pytest.mark.parametrize('world, tp, pp', [(2, 1, 2), (4, 1, 4), (4, 2, 2), (8, 2, 2)],
-                         ids=['pp2', 'pp4', 'pp2xtp2', 'pp2xtp2xdp2'])
-def test_pipeline_matches_one_process(world, tp, pp):
-    spawn(_pipeline, world, tp, pp, False)
+@pytest.mark.parametrize('world, tp, pp, sp', [(2, 1, 2, False), (4, 1, 4, False), (4, 2, 2, True), (8, 2, 2, False)],
+                         ids=['pp2', 'pp4', 'pp2xtp2-sp', 'pp2xtp2xdp2'])
+def test_pipeline_matches_one_process(world, tp, pp, sp):
+    spawn(_pipeline, world, tp, pp, False, 2.0, sp)
 
 
 @pytest.mark.parametrize('r', [2.0, 4.0])
