@@ -62,7 +62,7 @@ repeats = 2                     # timed runs of each window; the fastest counts 
 lines = 40                      # function-body lines for the next-line exact match (0: skip)
 spec_exits = None               # exit_layers numbers to draft with (self-speculation); None: every exit
 spec_k = 4                      # tokens drafted per verification
-compile = False                 # torch.compile each decoding segment (generate.py's key)
+compile = False                 # compile the decoder's blocks and heads (generate.py's key)
 report = ''                     # file prefix for .csv/.json/.png/.exits.txt; '': out_dir/frontier
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items()
