@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 import train
-from generate import Decoder, compile_decode, full_vocab
+from generate import Decoder, capture, compile_decode, full_vocab
 from model import GPT, GPTConfig
 from parallel import GradSync, ParallelState, init_distributed
 from pipeline import build_stage
@@ -106,21 +106,6 @@ def copy_bandwidth(device, n=2**30, reps=10):
         b.copy_(a)
     torch.cuda.synchronize()
     return 2 * n * reps / (time.perf_counter() - t0)
-
-
-def cuda_graph(fn):
-    """fn captured as one CUDA graph; returns its replay. Warm-up runs (compilation, NCCL
-    communicators, cuBLAS handles) happen on a side stream first, as capture requires."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def time_steps(reset, fn, N, cuda):
@@ -200,9 +185,9 @@ def decode(cfg_b, ps, dev):
             reset = lambda rep: pos.fill_(P + rep * N)
             kinds = {'eager': (reset, step, P + 3.5 * N)}
             if cuda:
-                kinds['graph'] = (reset, cuda_graph(step), P + 3.5 * N)
+                kinds['graph'] = (reset, capture(step, 3)[0].replay, P + 3.5 * N)
                 if cfg_b['compile']:  # inductor fuses the small kernels; the graph removes the launches
-                    kinds['compiled graph'] = (reset, cuda_graph(compile_decode(step)), P + 3.5 * N)
+                    kinds['compiled graph'] = (reset, capture(compile_decode(step), 3)[0].replay, P + 3.5 * N)
             for kind, (reset, fn, kv_positions) in kinds.items():
                 record(kind, B, time_steps(reset, fn, N, cuda), kv_positions)
             model.clear_cache()

@@ -174,19 +174,21 @@ class Decoder:
         key = (a, b, T, head, rows)
         if key not in self.captured:
             saved = self.hid.clone()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up (lazy initialisation) off the capture stream
-                fn()
-            torch.cuda.current_stream().wait_stream(side)
-            self.hid.copy_(saved)  # (the KV writes repeat with the same values)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                outs = fn()
-            self.captured[key] = graph, outs
+            self.captured[key] = capture(fn, pool=self.pool)
+            self.hid.copy_(saved)  # undo the warm-up (its KV writes repeat with the same values)
         graph, outs = self.captured[key]
         graph.replay()
         return outs
+
+    def verify(self, d, k):
+        """Self-speculation's check: blocks d.. and the final head for the last committed
+        token and the k - 1 drafted after it (the drafting left their KV below d). Returns
+        the logits (k, V) and (max prob, argmax, its log prob) per row (k, 3)."""
+        L, n = self.cfg.n_layer, len(self.tokens)
+        self.t.fill_(n + k - 2)
+        out = self.run(d, L, k, 'final', rows=k)
+        self.done[n - 1:] = [L] * k
+        return out
 
     def step(self, allowed, thres, pick=None, stop_depth=None):
         """Process the last token, bringing every pending position along; at each allowed
@@ -216,6 +218,22 @@ class Decoder:
                     lp = float(logits.float().log_softmax(-1)[0, tok])
                 return tok, b, probs, logits, lp
             a = b
+
+
+def capture(fn, warmup=1, pool=None):
+    """fn captured as a CUDA graph: (graph, fn's outputs, which each replay refills). The
+    warm-up runs (compilation, lazy initialisation, NCCL communicators, cuBLAS handles)
+    happen on a side stream first, as capture requires; the capture itself runs nothing."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        outs = fn()
+    return graph, outs
 
 
 def direct(fn, *args):
@@ -302,10 +320,8 @@ def generate(model, prompt, max_new_tokens, method='full', thres=None, allowed=N
                 dec.tokens.append(tok)
             del dec.tokens[n:]
             # verify: the remaining layers for the k drafted positions n-1.. in one forward
-            dec.t.fill_(n + spec_k - 2)
-            full, best = dec.run(d, L, spec_k, 'final', rows=spec_k)  # (k, V): the full model after each position
+            full, best = dec.verify(d, spec_k)  # (k, V): the full model after each position
             best = best.tolist()
-            dec.done[n - 1:] = [L] * spec_k
             out['drafted'] += spec_k
             finished = False
             for j in range(spec_k):
