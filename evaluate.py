@@ -151,28 +151,36 @@ def next_line_tasks(docs, encode, block_size, n, seed):
     return tasks
 
 
-def next_line_em(model, tasks, decode, nl, **kw):
-    """Share of tasks whose greedy line (up to the first newline) is the target."""
-    hits = [decode(generate(model, ids, new, stop=nl, **kw)['tokens']).split('\n')[0] == line
-            for ids, line, new in tasks]
-    return sum(hits) / len(hits) if hits else None
+def next_line_em(model, tasks, decode, nl, policies):
+    """Per policy (generate() keywords), the share of tasks whose greedy line (up to the first
+    newline) is the target. Tasks run shortest first, every policy on each, so that the decoder
+    is set up once per size."""
+    hits = [0] * len(policies)
+    for ids, line, new in sorted(tasks, key=lambda t: len(t[0]) + t[2]):
+        for i, kw in enumerate(policies):
+            hits[i] += decode(generate(model, ids, new, stop=nl, **kw)['tokens']).split('\n')[0] == line
+    return [h / len(tasks) if tasks else None for h in hits]
 
 
+@torch.no_grad()
 def timed(model, prompts, n, dev, repeats, **kw):
-    """generate() on every prompt, batch 1, `repeats` times each. Returns (outputs, tokens/s of
-    wall clock, each prompt's fastest run counted, prefill included)."""
+    """generate() on every prompt, batch 1, `repeats` times each. Returns (outputs, decode
+    tokens/s: the tokens over the wall clock of each prompt's fastest run less its prefill)."""
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.startswith('cuda') else (lambda: None)
+
+    def clock(fn):
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        return time.perf_counter() - t0, out
+
     outs, seconds = [], 0.0
     for p in prompts:
-        fastest = float('inf')
-        for _ in range(repeats):  # (the first run of a policy also warms it up)
-            sync()
-            t0 = time.perf_counter()
-            out = generate(model, p, n, stop=None, **kw)
-            sync()
-            fastest = min(fastest, time.perf_counter() - t0)
-        outs.append(out)
-        seconds += fastest
+        runs = [clock(lambda: generate(model, p, n, stop=None, **kw)) for _ in range(repeats)]  # (the first warms up)
+        prefill = min(clock(lambda: model.decoder.start(p))[0] for _ in range(repeats))  # (the decoder just used)
+        outs.append(runs[-1][1])
+        seconds += min(t for t, _ in runs) - prefill
     return outs, sum(len(o['tokens']) for o in outs) / seconds
 
 
@@ -277,20 +285,20 @@ def frontier(cfg, ps, dev, data, data_meta, ctx):
     index = {L: e for e, L in enumerate(mc.exit_layers)}
     names = {d: f'exit {L}' for L, d in zip(mc.exit_layers, mc.exit_depths)} | {mc.n_layer: 'final'}
     fast = dict(compile=cfg['compile'])
-    speculative = [dict(fast, method='speculative', spec_exit=index[L], spec_k=cfg['spec_k']) for L in spec]
-    ref, full_tok_s = timed(model, prompts, n, dev, cfg['repeats'], method='full', **fast)
+    policies = [dict(method='full')] + [dict(method='recompute', thres=th) for th in ths]
+    speculative = [dict(method='speculative', spec_exit=index[L], spec_k=cfg['spec_k']) for L in spec]
+    ref, full_tok_s = timed(model, prompts, n, dev, cfg['repeats'], **fast, **policies[0])
     rows = []
-    for th, loss in [(None, final)] + list(zip(ths, losses)):
-        kw = dict(fast, method='full') if th is None else dict(fast, method='recompute', thres=th)
-        outs, tok_s = (ref, full_tok_s) if th is None else timed(model, prompts, n, dev, cfg['repeats'], **kw)
+    for th, loss, kw in zip([None] + ths, [final] + losses, policies):
+        outs, tok_s = (ref, full_tok_s) if th is None else timed(model, prompts, n, dev, cfg['repeats'], **fast, **kw)
         r = decode_row('full' if th is None else f'{th:.2f}', outs, ref, tok_s, full_tok_s, names)
         r.update(policy='full' if th is None else 'early exit', threshold=th, val_loss=loss, val_ppl=math.exp(loss),
-                 ppl_change=math.exp(loss - final) - 1, next_line_em=next_line_em(model, tasks, decode, nl, **kw))
+                 ppl_change=math.exp(loss - final) - 1)
         rows.append(r)
         print(f"{r['name']}: val perplexity {r['val_ppl']:.3f} ({r['ppl_change']:+.2%}), {tok_s:.1f} tokens/s, "
               f'{time.time() - t0:.1f} s elapsed')
     for L, kw in zip(spec, speculative):  # LayerSkip: draft with exit L, verify with the rest
-        outs, tok_s = timed(model, prompts, n, dev, cfg['repeats'], **kw)
+        outs, tok_s = timed(model, prompts, n, dev, cfg['repeats'], **fast, **kw)
         r = decode_row(f'spec exit {L}', outs, ref, tok_s, full_tok_s, names)
         r.update(policy='speculative', spec_exit=L, mean_depth=None, layer_speedup=None,
                  acceptance=sum(o['accepted'] for o in outs) / max(1, sum(o['drafted'] for o in outs)),
@@ -298,6 +306,11 @@ def frontier(cfg, ps, dev, data, data_meta, ctx):
         rows.append(r)
         print(f"{r['name']}: {tok_s:.1f} tokens/s, identical to full: {r['identical']}, "
               f'{time.time() - t0:.1f} s elapsed')
+    # quality only: not compiled (the prompts' lengths vary up to block_size; each size would compile anew)
+    for r, em in zip(rows, next_line_em(model, tasks, decode, nl, policies)):
+        r['next_line_em'] = em
+    if tasks:
+        print(f'next-line exact match: {time.time() - t0:.1f} s elapsed')
     print_table(rows, names, f"{tokens:,} val tokens; {len(prompts)} prompts of {plen} tokens + {n} new ones, batch 1, "
                 f"{dev}; {mc.n_layer} blocks, exits after blocks {list(mc.exit_depths)}")
     best = pick_best(rows)
