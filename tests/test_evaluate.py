@@ -150,3 +150,25 @@ def test_next_line_em_cuts_at_the_newline(monkeypatch):
     policies = [dict(method='full'), dict(method='recompute', thres=0.5)]
     assert evaluate.next_line_em(None, [([1], '    x = 1', 17)] * 4, decode, 10, policies) == [0.5, 0.25]
     assert evaluate.next_line_em(None, [], decode, 10, policies) == [None, None]
+
+
+def test_exit_view_marks_each_character():
+    lines = evaluate.exit_view(['ab', 'c\n', 'd\te'], [1, 2, 3], exit_depths=(1, 2))
+    assert lines == ['abc', '112', 'd·e', '   ']
+
+
+def test_bad_inputs_are_clear_errors(sweep, tmp_path):
+    d, _ = sweep
+    base = [f'--out_dir={d / "ckpt"}', '--sweep=thresholds', '--device=cpu', f'--report={tmp_path / "x"}']
+    with pytest.raises(SystemExit, match=r'thresholds=\[0.5, 1.5\]: not allowed: \[1.5\]; each .* in \[0, 1\]'):
+        evaluate.main(base + ['--thresholds=[0.5,1.5]'])
+    with pytest.raises(SystemExit, match=r"spec_exits=\[3\]: allowed: the model's exit_layers \[1, 2\]"):
+        evaluate.main(base + ['--spec_exits=[3]'])
+    with pytest.raises(SystemExit, match='got tp=2, allowed: tp=1'):
+        evaluate.main(base + ['--tp=2'])
+    with pytest.raises(SystemExit, match="sweep='threshold'; allowed: 'pairs', 'thresholds'"):
+        evaluate.main([a.replace('thresholds', 'threshold') for a in base])
+    plain = GPT(GPTConfig(arch='llama', n_layer=2, n_head=2, n_embd=16, vocab_size=256, block_size=64, exit_layers=()))
+    train.save_checkpoint(str(tmp_path / 'plain'), plain, None, {'dataset': str(d / 'data')}, 0, 0.0)
+    with pytest.raises(SystemExit, match='needs a checkpoint with exits'):
+        evaluate.main([f'--out_dir={tmp_path / "plain"}'] + base[1:])
