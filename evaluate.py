@@ -284,13 +284,13 @@ def frontier(cfg, ps, dev, data, data_meta, ctx):
         print(f'next-line exact match on {len(tasks)} function-body lines of the val text')
     index = {L: e for e, L in enumerate(mc.exit_layers)}
     names = {d: f'exit {L}' for L, d in zip(mc.exit_layers, mc.exit_depths)} | {mc.n_layer: 'final'}
-    fast = dict(compile=cfg['compile'])
+    speed = lambda kw: timed(model, prompts, n, dev, cfg['repeats'], compile=cfg['compile'], **kw)
     policies = [dict(method='full')] + [dict(method='recompute', thres=th) for th in ths]
     speculative = [dict(method='speculative', spec_exit=index[L], spec_k=cfg['spec_k']) for L in spec]
-    ref, full_tok_s = timed(model, prompts, n, dev, cfg['repeats'], **fast, **policies[0])
+    ref, full_tok_s = speed(policies[0])
     rows = []
     for th, loss, kw in zip([None] + ths, [final] + losses, policies):
-        outs, tok_s = (ref, full_tok_s) if th is None else timed(model, prompts, n, dev, cfg['repeats'], **fast, **kw)
+        outs, tok_s = (ref, full_tok_s) if th is None else speed(kw)
         r = decode_row('full' if th is None else f'{th:.2f}', outs, ref, tok_s, full_tok_s, names)
         r.update(policy='full' if th is None else 'early exit', threshold=th, val_loss=loss, val_ppl=math.exp(loss),
                  ppl_change=math.exp(loss - final) - 1)
@@ -298,7 +298,7 @@ def frontier(cfg, ps, dev, data, data_meta, ctx):
         print(f"{r['name']}: val perplexity {r['val_ppl']:.3f} ({r['ppl_change']:+.2%}), {tok_s:.1f} tokens/s, "
               f'{time.time() - t0:.1f} s elapsed')
     for L, kw in zip(spec, speculative):  # LayerSkip: draft with exit L, verify with the rest
-        outs, tok_s = timed(model, prompts, n, dev, cfg['repeats'], **fast, **kw)
+        outs, tok_s = speed(kw)
         r = decode_row(f'spec exit {L}', outs, ref, tok_s, full_tok_s, names)
         r.update(policy='speculative', spec_exit=L, mean_depth=None, layer_speedup=None,
                  acceptance=sum(o['accepted'] for o in outs) / max(1, sum(o['drafted'] for o in outs)),
