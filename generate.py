@@ -201,9 +201,7 @@ class Decoder:
         self.done.append(0)
         bounds = sorted({d for d, e in self.exit_at.items() if e in allowed} | {stop_depth or L, L})
         probs, a = {}, 0
-        for b in bounds:
-            if stop_depth is not None and a >= stop_depth:
-                break
+        for b in bounds:  # (it returns at stop_depth at the latest: a bound)
             start = t  # positions that need block a form a suffix: those stopped at depth <= a
             while start > 0 and self.done[start - 1] <= a:
                 start -= 1
