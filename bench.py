@@ -21,7 +21,7 @@ torch.compile and then captured), with and without layer-parallel pairs.
     torchrun --nproc_per_node=2 bench.py --mode=decode --shape=7b --tp=2 --pairs=[[],[16,30]] --compile=True
     python bench.py --mode=decode --shape=tiny --device=cpu --pairs=[[],[0,2]] --prompt_len=8 --new_tokens=4
 
-With exit_layers, batch 1 also runs generate.py's Decoder (CUDA graphs per segment, one host
+With exit_layers, batch 1 also runs generate.py's Decoder (decode.py) (CUDA graphs per segment, one host
 read per token): plainly, with the first exit computed but never taken, and with a share
 (exit_rates) of the tokens forced to leave there, evenly spread.
 
@@ -34,18 +34,17 @@ measured in the same run; 'of_bound' is that floor over the measured step time.
 
 import json
 import statistics
-import sys
 import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import train
-from generate import Decoder, capture, compile_decode, full_vocab
+from configurator import configure, run, snapshot
+from decode import Decoder, capture, compile_decode, full_vocab
 from model import GPT, GPTConfig
 from parallel import GradSync, ParallelState, init_distributed
-from pipeline import build_stage
+from pipeline import build_stage, plan_microbatches
 
 SHAPES = {  # GPT-2 family shapes (vocab padded to 50304); '1b' is GPT-2 XL's width at 24 layers
     'tiny': dict(n_layer=2, n_head=4, n_embd=64, vocab_size=256, block_size=64),
@@ -78,8 +77,7 @@ pairs = ((),)                  # layer_parallel spans to compare, e.g. [[],[16,3
 prompt_len = 128               # KV positions filled before timing
 exit_rates = (0.0, 0.5)        # with exit_layers, batch 1: shares of tokens forced to leave at the first exit
 new_tokens = 64                # decode steps per timing; the median of 5 is reported
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and k.islower() and
-            isinstance(v, (int, float, bool, str, tuple, type(None)))}
+DEFAULTS = snapshot(globals())
 
 
 def matmul_tflops(device, n=8192, reps=20):
@@ -166,9 +164,7 @@ def decode(cfg_b, ps, dev):
         model.to(dtype).eval()
         weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != 'wte.weight')
         for B in cfg_b['batch']:
-            model.setup_cache(B, P + N * 6 + 8, dtype)
-            kv_per_pos = sum(2 * m.cache_k[:, :, 0].numel() * m.cache_k.element_size()
-                             for m in model.modules() if getattr(m, 'cache_k', None) is not None)
+            kv_per_pos = sum(c.bytes_per_position() for c in model.setup_cache(B, P + N * 6 + 8, dtype))
             torch.manual_seed(0)
             with torch.no_grad():
                 model(torch.randint(0, mcfg.vocab_size, (B, P), device=dev), input_pos=torch.arange(P, device=dev))
@@ -190,16 +186,16 @@ def decode(cfg_b, ps, dev):
                     kinds['compiled graph'] = (reset, capture(compile_decode(step), 3)[0].replay, P + 3.5 * N)
             for kind, (reset, fn, kv_positions) in kinds.items():
                 record(kind, B, time_steps(reset, fn, N, cuda), kv_positions)
-            model.clear_cache()
+            model.use_cache(None)
             if B == 1 and mcfg.exit_layers:  # generate.py's early-exit decoder, exits forced at fixed rates
-                dec = Decoder(model, P + N + 8, graphs=cuda, compile=cfg_b['compile'])
+                dec = Decoder(model, graphs=cuda, compile=cfg_b['compile'])
                 prompt = torch.randint(0, mcfg.vocab_size, (P + 1,)).tolist()
                 for rate in (None,) + tuple(cfg_b['exit_rates']):
                     kind = 'decoder' + ('' if rate is None else f', {rate:.0%} exit at {mcfg.exit_layers[0]}')
-                    record(kind, B, time_steps(lambda rep: dec.start(prompt), forced_exits(dec, rate), N, cuda),
-                           P + N / 2, rate)
+                    record(kind, B, time_steps(lambda rep: dec.start(prompt, P + N + 8), forced_exits(dec, rate), N,
+                                               cuda), P + N / 2, rate)
                 del dec
-                model.clear_cache()
+                model.use_cache(None)
     for r in results:  # speed against the same run without pairs, and early exit against the plain decoder
         same = lambda q: q['batch'] == r['batch'] and q['step'] == r['step']
         base = next((q for q in results if not q['layer_parallel'] and same(q)), None)
@@ -214,37 +210,36 @@ def decode(cfg_b, ps, dev):
 def training(cfg_b, ps, dev):
     mcfg = GPTConfig(**dict(dict(arch=cfg_b['arch'], exit_layers=cfg_b['exit_layers']), **SHAPES[cfg_b['shape']]))
     cuda = dev.startswith('cuda')
-    ctx = train.autocast('cuda' if cuda else 'cpu', cfg_b['dtype'])
+    ctx, scaler = train.precision(dev, cfg_b['dtype'])
     model, _ = build_stage(mcfg, ps, device=dev)
     model.checkpoint_blocks = cfg_b['activation_checkpointing']
-    cfg = dict(train.DEFAULTS, **{k: getattr(mcfg, k) for k in train.MODEL_KEYS}, device=dev, pp=ps.pp,
-               batch_size=cfg_b['batch_size'], warmup_iters=0, fill_bubbles=cfg_b['fill_bubbles'])
-    optimizer = train.make_optimizer(model, cfg, 'cuda' if cuda else 'cpu')
+    optimizer = train.make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), 'cuda' if cuda else 'cpu')
     grads = GradSync(model.parameters(), ps)
-    scaler = torch.amp.GradScaler('cuda' if cuda else 'cpu', enabled=cfg_b['dtype'] == 'float16')
+    w = [1.0] * len(mcfg.exit_layers)
     fwd = torch.compile(model) if cfg_b['compile'] else model
     data = np.random.default_rng(0).integers(0, mcfg.vocab_size, 2_000_000).astype(np.uint16)
     ceiling = matmul_tflops(dev) if cuda else None
     peak = train.peak_flops(dev)
     results, it = [], 0
     for m in cfg_b['accum']:
-        cfg['gradient_accumulation_steps'] = m * ps.dp
+        batches = train.Batches({'train': data}, cfg_b['batch_size'], mcfg.block_size, m * ps.dp, device=dev)
+        mbs = plan_microbatches(mcfg, ps.pp, m, fill_bubbles=cfg_b['fill_bubbles'])
         times = []
         for i in range(cfg_b['warmup'] + cfg_b['steps']):
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            train.train_step(fwd, optimizer, grads, data, cfg, it, ctx, scaler, ps)
+            train.train_step(fwd, optimizer, grads, batches, it, 1e-4, w, 1.0, ctx, scaler, ps, mbs=mbs)
             if cuda:
                 torch.cuda.synchronize()
             it += 1
             if i >= cfg_b['warmup']:
                 times.append(time.perf_counter() - t0)
         dt = statistics.median(times)
-        tokens = cfg['batch_size'] * cfg['gradient_accumulation_steps'] * mcfg.block_size
+        tokens = cfg_b['batch_size'] * batches.accum * mcfg.block_size
         flops_per_token = model.flops_per_token(mcfg.block_size)
         flops = flops_per_token * tokens / dt / ps.world  # per GPU
-        fills = len(train.pipeline_microbatches(cfg, ps, m)) - m if ps.pp > 1 else 0
+        fills = len(mbs) - m
         r = {'shape': cfg_b['shape'], 'stage_params_M': round(model.num_params() / 1e6, 1), 'exits': list(mcfg.exit_layers),
              'layout': str(ps).split(' rank')[0], 'sp': ps.sp, 'compile': cfg_b['compile'], 'dtype': cfg_b['dtype'],
              'activation_checkpointing': cfg_b['activation_checkpointing'],
@@ -269,7 +264,7 @@ def training(cfg_b, ps, dev):
 
 
 def main(args):
-    cfg_b = train.configure(DEFAULTS, args)
+    cfg_b = configure(DEFAULTS, args)
     if cfg_b['mode'] not in ('train', 'decode'):
         raise ValueError(f"mode={cfg_b['mode']!r}; allowed: 'train', 'decode'")
     dev = init_distributed(cfg_b['device'])
@@ -277,10 +272,8 @@ def main(args):
     summary = {'runs': (decode if cfg_b['mode'] == 'decode' else training)(cfg_b, ps, dev)}
     if ps.is_main:
         print(json.dumps(summary))
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return summary
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    run(main)

@@ -23,8 +23,9 @@ import sys
 import torch
 from tqdm import tqdm
 
+from checkpoint import Checkpoint, commit_checkpoint, save_checkpoint, start_checkpoint
+from configurator import configure, run
 from model import GPT, GPTConfig
-from train import Checkpoint, commit_checkpoint, configure, save_checkpoint, start_checkpoint
 
 # -----------------------------------------------------------------------------
 # Hugging Face names -> ours (None: a buffer to skip), per architecture
@@ -234,7 +235,7 @@ def add_exits(src, dst, exit_layers, random_init=False, seed=0, **exit_options):
         for name, p in base.logical_parameters():
             params[name].copy_(p)
         if not random_init:
-            for e, d in enumerate(cfg.exit_depths):
+            for e, _, d in cfg.exits:
                 head = model.exits[str(e)]
                 pairs = [(head.out, base.lm_head), (head.norm, base.norm_f), (head.block, base.blocks[str(cfg.n_layer - 1)])]
                 if head.mlp is not None:
@@ -248,18 +249,22 @@ def add_exits(src, dst, exit_layers, random_init=False, seed=0, **exit_options):
     return model
 
 
-if __name__ == '__main__':
-    if len(sys.argv) < 2 or sys.argv[1] not in ('from_hf', 'to_hf', 'add_exits'):
+def main(argv):
+    if not argv or argv[0] not in ('from_hf', 'to_hf', 'add_exits'):
         sys.exit(__doc__)
     args = configure({'src': '', 'dst': '', 'keep_exits': True, 'exit_layers': (), 'exit_pre': False,
                       'exit_untie': False, 'exit_norm': False, 'exit_mlp': False, 'exit_block': False,
-                      'random_init': False, 'seed': 0}, sys.argv[2:])
+                      'random_init': False, 'seed': 0}, argv[1:])
     if not args['src'] or not args['dst']:
         sys.exit('give --src=... and --dst=...')
-    if sys.argv[1] == 'from_hf':
+    if argv[0] == 'from_hf':
         from_hf(args['src'], args['dst'])
-    elif sys.argv[1] == 'to_hf':
+    elif argv[0] == 'to_hf':
         to_hf(args['src'], args['dst'], args['keep_exits'])
     else:
         add_exits(args['src'], args['dst'], args['exit_layers'], args['random_init'], args['seed'],
                   **{k: args[k] for k in ('exit_pre', 'exit_untie', 'exit_norm', 'exit_mlp', 'exit_block')})
+
+
+if __name__ == '__main__':
+    run(main)

@@ -23,7 +23,7 @@ head it leaves at), greedy agreement with the full model on `prompts` val window
 exact match on `lines` function-body lines of the val text, and batch-1 decoding speed:
 tokens/s, speedup over full, tokens per exit, layer-count speedup. It names the fastest
 threshold within 1% of the full model's perplexity and writes <report>.csv, .json, .png
-(with matplotlib) and .exits.txt (which tokens left early). Generation runs in float32 as
+(with matplotlib) and .exits.txt (which tokens left early). Generation runs in the checkpoint's float32 as
 generate.py does; `dtype` applies to the val loss.
 """
 
@@ -36,12 +36,13 @@ import sys
 import time
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from generate import full_vocab, generate, tokenizer
+from checkpoint import Checkpoint, load_model, tokenizer
+from configurator import configure, run, snapshot
+from decode import Decoder, full_vocab, generate
 from parallel import ParallelState, init_distributed
-from train import Checkpoint, autocast, configure, eval_batch, evaluate, load_data, load_model
+from train import Batches, autocast, evaluate, load_data
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-pystdlib'
@@ -65,8 +66,7 @@ spec_k = 4                      # tokens drafted per verification
 compile = False                 # compile the decoder's blocks and heads (generate.py's key)
 report = ''                     # file prefix for .csv/.json/.png/.exits.txt; '': out_dir/frontier
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items()
-            if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, list, type(None)))}
+DEFAULTS = snapshot(globals())
 
 
 def pair_spans(mc):
@@ -84,8 +84,8 @@ def val_losses(cfg, ps, dev, data, ctx, span=None):
     sequential depth (one block less per pair), the final and every exit's val loss."""
     model, _ = load_model(cfg['out_dir'], ps, dev, layer_parallel=span)
     mc = model.config
-    run = dict(cfg, block_size=mc.block_size, exit_layers=mc.exit_layers, device=dev)
-    loss, exits = evaluate(model, data, run, ctx, ps, splits=('val',))['val']
+    batches = Batches(data, cfg['batch_size'], mc.block_size, seed=cfg['seed'], device=dev)
+    loss, *exits = evaluate(model, batches, cfg['eval_iters'], ctx, ps, splits=('val',))['val']
     return mc, dict(layer_parallel=list(mc.layer_parallel), depth=mc.n_layer - len(mc.pairs), loss=loss,
                     exit_losses=exits)
 
@@ -99,15 +99,15 @@ COLUMNS = ['name', 'policy', 'threshold', 'spec_exit', 'val_loss', 'val_ppl', 'p
 
 
 @torch.no_grad()
-def threshold_losses(model, data, cfg, ctx, thresholds):
+def threshold_losses(model, batches, iters, ctx, thresholds):
     """The confidence rule on train.evaluate's val batches: each position is scored by the CE
     of the first exit (in depth order) whose max probability >= threshold, else of the final
     head. Returns (the final head's loss, [loss per threshold])."""
-    T, dev = model.config.block_size, cfg['device']
+    dev = batches.device
     th = torch.tensor(list(thresholds) + [float('inf')], device=dev)  # the last: no exit fires (the full model)
     totals, n = torch.zeros(len(th), dtype=torch.float64, device=dev), 0
-    for k in range(cfg['eval_iters']):
-        x, y = eval_batch(data, 'val', k, T, cfg['batch_size'], cfg['seed'], dev)
+    for k in range(iters):
+        x, y = batches.eval('val', k)
         with ctx:
             logits, exit_logits = model(x, exits=True)
         p_max, ce = [], []
@@ -163,9 +163,9 @@ def next_line_em(model, tasks, decode, nl, policies):
 
 
 @torch.no_grad()
-def timed(model, prompts, n, dev, repeats, **kw):
-    """generate() on every prompt, batch 1, `repeats` times each. Returns (outputs, decode
-    tokens/s: the tokens over the wall clock of each prompt's fastest run less its prefill)."""
+def timed(model, prompts, n, dev, repeats, decoder, **kw):
+    """generate() with decoder on every prompt, batch 1, `repeats` times each. Returns (outputs,
+    decode tokens/s: the tokens over the wall clock of each prompt's fastest run less its prefill)."""
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.startswith('cuda') else (lambda: None)
 
     def clock(fn):
@@ -177,8 +177,9 @@ def timed(model, prompts, n, dev, repeats, **kw):
 
     outs, seconds = [], 0.0
     for p in prompts:
-        runs = [clock(lambda: generate(model, p, n, stop=None, **kw)) for _ in range(repeats)]  # (the first warms up)
-        prefill = min(clock(lambda: model.decoder.start(p))[0] for _ in range(repeats))  # (the decoder just used)
+        runs = [clock(lambda: generate(model, p, n, stop=None, decoder=decoder, **kw))
+                for _ in range(repeats)]  # (the first warms up)
+        prefill = min(clock(lambda: decoder.start(p, decoder.max_len))[0] for _ in range(repeats))
         outs.append(runs[-1][1])
         seconds += min(t for t, _ in runs) - prefill
     return outs, sum(len(o['tokens']) for o in outs) / seconds
@@ -188,7 +189,7 @@ def decode_row(name, outs, ref, tok_s, full_tok_s, names):
     """A row: agreement with the reference continuations (common prefix / length), speed, the
     share of tokens per head and the layer-count speedup."""
     prefix = lambda a, b: next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    depths = [d for o in outs for d in o['exit_layers']]
+    depths = [d for o in outs for d in o['depths']]
     mean_depth = sum(depths) / len(depths)
     agreement = sum(prefix(o['tokens'], r['tokens']) / len(r['tokens']) for o, r in zip(outs, ref)) / len(ref)
     return dict(dict.fromkeys(COLUMNS), name=name, tokens_per_s=tok_s, speedup=tok_s / full_tok_s, agreement=agreement,
@@ -267,7 +268,8 @@ def frontier(cfg, ps, dev, data, data_meta, ctx):
     model.eval()
     mc, n, t0 = model.config, cfg['gen_tokens'], time.time()
     ths, spec, plen = check_frontier(cfg, mc)
-    final, losses = threshold_losses(model, data, dict(cfg, device=dev), ctx, ths)
+    batches = Batches(data, cfg['batch_size'], mc.block_size, seed=cfg['seed'], device=dev)
+    final, losses = threshold_losses(model, batches, cfg['eval_iters'], ctx, ths)
     tokens = cfg['eval_iters'] * cfg['batch_size'] * mc.block_size
     print(f'val loss per threshold on {tokens:,} tokens: {time.time() - t0:.1f} s')
     g = torch.Generator().manual_seed(cfg['seed'])
@@ -282,11 +284,11 @@ def frontier(cfg, ps, dev, data, data_meta, ctx):
         tasks = next_line_tasks(text.split(sep) if sep else [text], encode, mc.block_size, cfg['lines'], cfg['seed'])
         nl = encode('\n')[0] if len(encode('\n')) == 1 else None  # stop there (the text is cut at '\n' anyway)
         print(f'next-line exact match on {len(tasks)} function-body lines of the val text')
-    index = {L: e for e, L in enumerate(mc.exit_layers)}
-    names = {d: f'exit {L}' for L, d in zip(mc.exit_layers, mc.exit_depths)} | {mc.n_layer: 'final'}
-    speed = lambda kw: timed(model, prompts, n, dev, cfg['repeats'], compile=cfg['compile'], **kw)
+    names = mc.head_names
+    timing, plain = Decoder(model, compile=cfg['compile']), Decoder(model)  # plain: for quality only
+    speed = lambda kw: timed(model, prompts, n, dev, cfg['repeats'], timing, **kw)
     policies = [dict(method='full')] + [dict(method='recompute', thres=th) for th in ths]
-    speculative = [dict(method='speculative', spec_exit=index[L], spec_k=cfg['spec_k']) for L in spec]
+    speculative = [dict(method='speculative', spec_exit=mc.exit_index(L), spec_k=cfg['spec_k']) for L in spec]
     ref, full_tok_s = speed(policies[0])
     rows = []
     for th, loss, kw in zip([None] + ths, [final] + losses, policies):
@@ -307,7 +309,7 @@ def frontier(cfg, ps, dev, data, data_meta, ctx):
         print(f"{r['name']}: {tok_s:.1f} tokens/s, identical to full: {r['identical']}, "
               f'{time.time() - t0:.1f} s elapsed')
     # quality only: not compiled (the prompts' lengths vary up to block_size; each size would compile anew)
-    for r, em in zip(rows, next_line_em(model, tasks, decode, nl, policies)):
+    for r, em in zip(rows, next_line_em(model, tasks, decode, nl, [dict(kw, decoder=plain) for kw in policies])):
         r['next_line_em'] = em
     if tasks:
         print(f'next-line exact match: {time.time() - t0:.1f} s elapsed')
@@ -317,7 +319,7 @@ def frontier(cfg, ps, dev, data, data_meta, ctx):
     prefix = cfg['report'] or os.path.join(cfg['out_dir'], 'frontier')
     result = {'out_dir': cfg['out_dir'], 'tokens': tokens, 'prompts': cfg['prompts'], 'prompt_len': plen,
               'gen_tokens': n, 'lines': len(tasks), 'best': best and best['threshold'], 'rows': rows}
-    view = exits_view(model, prompts[0], n, best['threshold'] if best else 0.8, decode, mc) if decode else None
+    view = exits_view(model, prompts[0], n, best['threshold'] if best else 0.8, decode, plain) if decode else None
     write_report(prefix, result, names, f"{cfg['out_dir']}: {mc.n_layer} blocks, exits {list(mc.exit_layers)}", view)
     print(_json.dumps(result))
     return result
@@ -354,12 +356,13 @@ def pick_best(rows):
     return best
 
 
-def exits_view(model, prompt, n, th, decode, mc):
+def exits_view(model, prompt, n, th, decode, decoder):
     """The .exits.txt view: one continuation at threshold th, marked by the head each token left at."""
-    out = generate(model, prompt, n, 'recompute', thres=th)
+    mc = model.config
+    out = generate(model, prompt, n, 'recompute', thres=th, decoder=decoder)
     return [f"which head each token of prompt 1's continuation left at, threshold {th:.2f}",
             'marks: ' + ', '.join(f'{MARKS[e]} = exit {L}' for e, L in enumerate(mc.exit_layers))
-            + ', blank = the final head'] + exit_view([decode([t]) for t in out['tokens']], out['exit_layers'],
+            + ', blank = the final head'] + exit_view([decode([t]) for t in out['tokens']], out['depths'],
                                                       mc.exit_depths)
 
 
@@ -378,7 +381,7 @@ def write_report(prefix, result, names, title, view):
             f.write('\n'.join(view) + '\n')
         print('\n'.join(view))
     print(f"wrote {prefix}.csv, {prefix}.json" + (f', {prefix}.png' if drawn else '')
-          + (f', {prefix}.exits.txt' if view else '') + ('' if drawn else ' (no matplotlib: the picture was skipped)'))
+          + (f', {prefix}.exits.txt' if view else '') + ('' if drawn else '; drew no picture: matplotlib is not installed (pip install matplotlib)'))
 
 
 def main(args):
@@ -420,8 +423,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    run(main)

@@ -16,6 +16,7 @@ With the default (one process) every layer is a plain nn.Linear / nn.Embedding.
 
 import math
 import zlib
+from collections import namedtuple
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from parallel import (LOCAL, ColumnLinear, RowLinear, VocabEmbedding, check_layout, cross_entropy, enter,
-                      mark_splits, seq_shard, take_shard)
+                      logical_shape, mark_splits, seq_shard, take_shard)
+
+
+# one exit, three numbers: its index (exit_layers order, as in GPT.exits['0']), its EE-LLM layer
+# number (1-based, as in exit_layers) and its depth (the blocks that run before it; the exit
+# reads the output of block depth-1)
+Exit = namedtuple('Exit', 'index layer depth')
 
 
 @dataclass
@@ -107,8 +114,7 @@ class GPTConfig:
 
     def exits_inside_pairs(self, span):
         """(exit layer, depth) of each exit that would read between the two blocks of a pair of span."""
-        return [(L, d) for L, d in zip(self.exit_layers, self.exit_depths)
-                if span[0] < d < span[1] and (d - span[0]) % 2]
+        return [(x.layer, x.depth) for x in self.exits if span[0] < x.depth < span[1] and (x.depth - span[0]) % 2]
 
     @property
     def pairs(self):
@@ -116,9 +122,27 @@ class GPTConfig:
         return range(*self.layer_parallel, 2) if self.layer_parallel else range(0)
 
     @property
+    def exits(self):
+        """Every exit as an Exit(index, layer, depth), shallowest first."""
+        return tuple(Exit(e, L, L - 1 if self.exit_pre else L) for e, L in enumerate(self.exit_layers))
+
+    @property
     def exit_depths(self):
         """For each exit, the number of blocks that run before it (1..n_layer-1)."""
-        return tuple(L - 1 if self.exit_pre else L for L in self.exit_layers)
+        return tuple(x.depth for x in self.exits)
+
+    def exit_index(self, layer):
+        """The index of the exit with EE-LLM layer number `layer`; a ValueError naming the
+        allowed numbers if there is none."""
+        for x in self.exits:
+            if x.layer == layer:
+                return x.index
+        raise ValueError(f"exit layer {layer!r} is not one of the model's exit_layers {list(self.exit_layers)}")
+
+    @property
+    def head_names(self):
+        """{depth: 'exit L'} for every exit and {n_layer: 'final'}: what a depth is called."""
+        return {x.depth: f'exit {x.layer}' for x in self.exits} | {self.n_layer: 'final'}
 
 
 # -----------------------------------------------------------------------------
@@ -158,6 +182,25 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+class KVCache:
+    """The static KV cache of one attention layer: keys and values (B, n_kv_head, max_len, hd)
+    of every position written so far; update() writes a chunk at its positions."""
+
+    def __init__(self, batch_size, n_kv_head, max_len, head_dim, dtype, device):
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, input_pos, k, v):
+        """Write k, v (B, nkv, T, hd) at positions input_pos (T,); returns the whole cache."""
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k.to(k.dtype), self.v.to(v.dtype)
+
+    def bytes_per_position(self):
+        return 2 * self.k[:, :, 0].numel() * self.k.element_size()
+
+
 class Attention(nn.Module):
     def __init__(self, cfg, ps, width=1):
         super().__init__()
@@ -172,7 +215,7 @@ class Attention(nn.Module):
         self.o.residual = True  # scaled init
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
-        self.cache_k = self.cache_v = None
+        self.cache = None  # a KVCache, set by GPT.setup_cache / use_cache
 
     def forward(self, x, rope, input_pos):
         x = enter(x, self.ps)  # (B, T, C) on every tp rank
@@ -185,9 +228,7 @@ class Attention(nn.Module):
         if input_pos is None:
             mask, causal = None, True
         else:  # static cache: write this chunk at its positions, attend to everything before
-            self.cache_k.index_copy_(2, input_pos, k.to(self.cache_k.dtype))
-            self.cache_v.index_copy_(2, input_pos, v.to(self.cache_v.dtype))
-            k, v = self.cache_k.to(q.dtype), self.cache_v.to(q.dtype)           # (B, nkv, S, hd)
+            k, v = self.cache.update(input_pos, k, v)                            # (B, nkv, S, hd)
             mask = input_pos[:, None] >= torch.arange(k.size(2), device=x.device)  # (T, S)
             causal = False  # query and key lengths differ: an explicit mask, never is_causal
         if self.n_kv_head != self.n_head:  # grouped-query attention: share each kv head
@@ -339,7 +380,7 @@ class GPT(nn.Module):
                     continue
                 std = resid_std if getattr(m, 'residual', False) else 0.02
                 name = getattr(p, 'logical_name', f'{mname}.{pname}')
-                full = torch.empty(getattr(p, 'logical_shape', p.shape), device=p.device, dtype=p.dtype)
+                full = torch.empty(logical_shape(p), device=p.device, dtype=p.dtype)
                 gen = torch.Generator(p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
                 p.copy_(take_shard(full.normal_(0.0, std, generator=gen), p, self.ps))
         if self.config.arch == 'llama':
@@ -349,7 +390,7 @@ class GPT(nn.Module):
 
     def num_params(self, exits=True):
         """Parameters of this rank's part of the model, counted whole over tensor parallelism."""
-        return sum(math.prod(getattr(p, 'logical_shape', p.shape)) for n, p in self.named_parameters()
+        return sum(math.prod(logical_shape(p)) for n, p in self.named_parameters()
                    if exits or not n.startswith('exits.'))
 
     def flops_per_token(self, T):
@@ -366,20 +407,21 @@ class GPT(nn.Module):
 
     # -- KV cache ------------------------------------------------------------
     def setup_cache(self, batch_size, max_len, dtype=None, device=None):
-        """Pre-allocate a static KV cache of max_len positions in every attention layer."""
+        """A fresh static KV cache of max_len positions in every attention layer (exits with a
+        block included). Returns the caches, in module order, for use_cache to put back."""
         assert max_len <= self.config.block_size, f'max_len={max_len} > block_size={self.config.block_size}'
         dtype = dtype or next(self.parameters()).dtype
         device = device or next(self.parameters()).device
-        for m in self.modules():
-            if isinstance(m, Attention):
-                shape = (batch_size, m.n_kv_head, max_len, m.head_dim)
-                m.cache_k = torch.zeros(shape, dtype=dtype, device=device)
-                m.cache_v = torch.zeros(shape, dtype=dtype, device=device)
+        caches = [KVCache(batch_size, m.n_kv_head, max_len, m.head_dim, dtype, device)
+                  for m in self.modules() if isinstance(m, Attention)]
+        self.use_cache(caches)
+        return caches
 
-    def clear_cache(self):
-        for m in self.modules():
-            if isinstance(m, Attention):
-                m.cache_k = m.cache_v = None
+    def use_cache(self, caches):
+        """Run with these caches (from setup_cache), or none (None)."""
+        layers = [m for m in self.modules() if isinstance(m, Attention)]
+        for m, c in zip(layers, caches or [None] * len(layers)):
+            m.cache = c
 
     # -- forward -------------------------------------------------------------
     def embed(self, idx, input_pos=None):

@@ -15,10 +15,23 @@ Data, tensor and sequence parallelism written by hand over torch.distributed.
 - Data parallelism: gradients are all-reduced in buckets from backward hooks, overlapping
   the rest of the backward pass.
 
-Every parameter keeps its logical (single-process) name. A split parameter carries
-`tp_dim` (the split dimension) and `logical_shape`; its local tensor is the tp_rank-th of
-tp equal chunks of the logical tensor zero-padded to a multiple of tp (only the vocabulary
-ever needs padding). At world size 1 nothing here touches torch.distributed.
+Every parameter keeps its logical (single-process) name. A split parameter's local tensor
+is the tp_rank-th of tp equal chunks of the logical tensor zero-padded to a multiple of tp
+(only the vocabulary ever needs padding). What a layout does to a parameter is written on
+it as tags, the only ones in the code base, read through the helpers below them:
+
+| tag | set by | meaning | read through |
+|---|---|---|---|
+| `tp_dim` | `mark_splits` (split layers here) | the dimension split over tp | `split_dim`, `local_range` |
+| `logical_shape` | `mark_splits` | the shape of the whole tensor | `logical_shape` |
+| `logical_name` | `GPT.tie` (model.py) | a stage's copy of the tied output matrix is 'wte.weight' | `GPT.logical_parameters` |
+| `copy_group` | `build_stage` (pipeline.py) | the group of stages holding copies of this matrix | `GradSync` (sums their gradients) |
+| `duplicate` | `build_stage` | a copy whose first holder is another stage | `counted_here` |
+
+`counted_here(p, ps)` says whether this rank's shard counts for the logical tensor: split
+shards always, replicated tensors on tp rank 0, a stage's copy only on its first holder.
+Clipping's global norm and checkpoint writing both use it. At world size 1 nothing here
+touches torch.distributed.
 """
 
 import os
@@ -290,15 +303,31 @@ def cross_entropy(logits, targets, vocab_size, ps):
 # -----------------------------------------------------------------------------
 # logical tensors <-> shards
 
+def split_dim(p):
+    """The dimension of p split over tp, or None if p is replicated."""
+    return getattr(p, 'tp_dim', None)
+
+
+def logical_shape(p):
+    """The shape of the whole logical tensor that p (or its shard) belongs to."""
+    return tuple(getattr(p, 'logical_shape', p.shape))
+
+
+def counted_here(p, ps):
+    """Whether this rank's p counts for its logical tensor (in a norm, in a checkpoint): every
+    shard of a split one; a replicated one on tp rank 0; a stage's copy on its first holder."""
+    return (split_dim(p) is not None or ps.tp_rank == 0) and not getattr(p, 'duplicate', False)
+
+
 def local_range(p, ps):
     """(dim, start, end) of the logical tensor that this rank's shard of p holds
     (end clipped to the logical size: the padding is not part of it); None if replicated."""
-    dim = getattr(p, 'tp_dim', None)
+    dim = split_dim(p)
     if dim is None:
         return None
     n = p.shape[dim]
     start = ps.tp_rank * n
-    return dim, start, min(start + n, p.logical_shape[dim])
+    return dim, start, min(start + n, logical_shape(p)[dim])
 
 
 def take_shard(full, p, ps):
@@ -320,7 +349,7 @@ def full_tensor(t, p, ps):
     if r is None:
         return t
     full = all_gather(t, r[0], ps.tp_group, ps.tp)
-    return full.narrow(r[0], 0, p.logical_shape[r[0]])
+    return full.narrow(r[0], 0, logical_shape(p)[r[0]])
 
 
 # -----------------------------------------------------------------------------
@@ -357,7 +386,7 @@ class GradSync:
                 if ps.dp > 1:
                     p.register_post_accumulate_grad_hook(self._hook(b))
             self.bufs.append(buf)
-        self.replicated = [p for p in self.params if getattr(p, 'tp_dim', None) is None]
+        self.replicated = [p for p in self.params if split_dim(p) is None]
         self.copies = [p for p in self.params if getattr(p, 'copy_group', None) is not None]
 
     def _hook(self, b):
@@ -398,8 +427,7 @@ def clip_grad_norm_(params, max_norm, ps):
     replicated ones count on tp rank 0 only, copies on several stages on the first one,
     dp replicas are equal and count once."""
     params = list({id(p): p for p in params if p.grad is not None}.values())
-    counted = [p.grad for p in params
-               if (getattr(p, 'tp_dim', None) is not None or ps.tp_rank == 0) and not getattr(p, 'duplicate', False)]
+    counted = [p.grad for p in params if counted_here(p, ps)]
     sq = torch.zeros((), device=params[0].device, dtype=torch.float32)
     for dt in dict.fromkeys(g.dtype for g in counted):  # one multi-tensor kernel per dtype
         acc = torch.promote_types(dt, torch.float32)      # bf16/fp16 sum in float32, float64 in float64

@@ -29,12 +29,12 @@ are extra sequences (drawn after the step's regular ones) that add to the object
     gradient reaches earlier stages).
 """
 
-import sys
 from collections import namedtuple
 
 import torch
 import torch.distributed as dist
 
+from configurator import configure, run
 from model import GPT
 
 # a microbatch: id, forward on stages [0, fwd_end), backward on stages [bwd_start, fwd_end)
@@ -80,6 +80,13 @@ def microbatches(P, M, fill_warmup=0, fill_cooldown=0, r=2.0, stages_with_exits=
         if start < P:
             mbs.append(Micro(len(mbs), 'cooldown', P, start))
     return mbs
+
+
+def plan_microbatches(cfg, pp, M, pp_layers=None, fill_bubbles=False, fill_warmup=None, fill_cooldown=None, r=2.0):
+    """A step's microbatches in a layout of pp stages: M regular ones, then the bubble-filling
+    ones (fill_counts) that reach an exit of model config cfg."""
+    kw, kc = fill_counts(pp, r, fill_bubbles, fill_warmup, fill_cooldown)
+    return microbatches(pp, M, kw, kc, r, exit_stages(cfg, stage_layers(cfg.n_layer, pp, pp_layers)))
 
 
 def schedule(P, s, mbs, kind='1f1b'):
@@ -342,10 +349,9 @@ def pipeline_eval(model, x, y, ps, n_exits):
     return out
 
 
-if __name__ == '__main__':
-    from train import configure  # the same --key=value parsing as the scripts
+def main(argv):
     args = configure({'pp': 4, 'microbatches': 8, 'fill_bubbles': False, 'fill_warmup': None, 'fill_cooldown': None,
-                      'backward_forward_ratio': 2.0, 'schedule': '1f1b'}, sys.argv[1:])
+                      'backward_forward_ratio': 2.0, 'schedule': '1f1b'}, argv)
     P, M, r = args['pp'], args['microbatches'], args['backward_forward_ratio']
     kw, kc = fill_counts(P, r, args['fill_bubbles'], args['fill_warmup'], args['fill_cooldown'])
     mbs = microbatches(P, M, kw, kc, r, stages_with_exits=range(P - 1))
@@ -354,3 +360,7 @@ if __name__ == '__main__':
     print(f'{P} stages, {M} microbatches, backward = {r} x forward, fills: {kw} warm-up, {kc} cool-down; '
           f'step {end:.0f} units, idle {1 - busy / (P * end):.1%} '
           f'(1F1B theory without fills: {(P - 1) / (M + P - 1):.1%})')
+
+
+if __name__ == '__main__':
+    run(main)

@@ -26,15 +26,15 @@ its pairs as the wide blocks they became and always runs with its layer_parallel
 import json
 import os
 import shutil
-import sys
 import time
 
 import torch
-import torch.distributed as dist
 
 import train
+from checkpoint import Checkpoint, save_checkpoint
+from configurator import configure, run
 from model import GPT, GPTConfig
-from parallel import GradSync, ParallelState, clip_grad_norm_, init_distributed
+from parallel import GradSync, ParallelState, init_distributed
 from pipeline import stage_forward, stage_layers
 
 DEFAULTS = dict(train.DEFAULTS, init_from='', out_dir='out-tuned', dynamic_weighting=False, max_iters=500,
@@ -45,10 +45,11 @@ DEFAULTS = dict(train.DEFAULTS, init_from='', out_dir='out-tuned', dynamic_weigh
 def exit_objective(model, x, y, w, dynamic, ps):
     """Weighted losses of this stage's exits on the frozen backbone. With pp > 1 the hidden
     states come from the previous stage and go on to the next (no gradient crosses stages:
-    every trainable parameter sits behind its own exit). Returns (objective, {exit: CE})."""
+    every trainable parameter sits behind its own exit). Returns (objective, each exit's CE
+    (n_exits,), zero for the exits of other stages)."""
     with torch.no_grad():
         _, taps, rope = stage_forward(model, x, ps)
-    total, ces = 0.0, {}
+    total, ces = torch.zeros((), device=x.device), torch.zeros(len(model.config.exit_layers), device=x.device)
     for e, h in taps:
         logits = model.exit_logits(e, h, rope)
         if dynamic:  # EE-Tuning's token-wise weights: the exit's own detached confidence
@@ -65,16 +66,9 @@ def exit_objective(model, x, y, w, dynamic, ps):
     return total, ces
 
 
-def full_objective(model, x, y, w):
-    """The training objective of the whole model. Returns (objective,
-    {0: final CE, 1 + e: exit e's CE})."""
-    total, loss, exit_losses = train.weighted_loss(model, x, y, w)
-    return total, {i: ce.detach().float() for i, ce in enumerate([loss, *exit_losses])}
-
-
 def save_tuned(out_dir, src, model, optimizer, cfg, it, data, ps):
     """The tuned tensors, plus the source checkpoint's files for everything not built here."""
-    train.save_checkpoint(out_dir, model, optimizer, cfg, it, float('inf'), ps, data)
+    save_checkpoint(out_dir, model, optimizer, cfg, it, float('inf'), ps, data)
     if not ps.is_main:
         return
     path = os.path.join(out_dir, 'ckpt')
@@ -95,12 +89,10 @@ def save_tuned(out_dir, src, model, optimizer, cfg, it, data, ps):
 def tune(cfg):
     device = cfg['device'] = init_distributed(cfg['device'])
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    if cfg['dtype'] == 'float16':
-        raise ValueError("dtype='float16' needs loss scaling, which tune.py does not do; use 'bfloat16'")
-    ctx = train.autocast(device_type, cfg['dtype'])
+    ctx, scaler = train.precision(device, cfg['dtype'])
     if not cfg['init_from']:
         raise ValueError('init_from: give the checkpoint directory with exits to tune (convert.py add_exits makes one)')
-    src = train.Checkpoint(cfg['init_from'])
+    src = Checkpoint(cfg['init_from'])
     pairs = tuple(cfg['layer_parallel'] or ())
     mcfg = GPTConfig(**dict(src.meta['model_config'], **({'layer_parallel': pairs} if pairs else {})))
     tb = cfg['tune_blocks']
@@ -115,14 +107,12 @@ def tune(cfg):
         raise ValueError('sp: tune.py runs without sequence parallelism')
     ps = ParallelState(cfg['tp'], cfg['pp'])
     torch.manual_seed(cfg['seed'] + ps.dp_rank)
-    n_exits = len(mcfg.exit_layers)
-    if span:  # the whole model; the span learns through every block after it
+    if span:  # the whole model, on train.py's objective; the span learns through every block after it
         if ps.pp > 1:
             raise ValueError('layer_parallel / tune_blocks: tune.py fine-tunes blocks with pp=1')
         model = GPT(mcfg, ps, cfg['seed']).to(device)
         learns = lambda name: name.split('.')[0] == 'blocks' and int(name.split('.')[1]) in span
-        names = 'losses (final, exits)'
-        objective = lambda x, y, w: full_objective(model, x, y, w)
+        names, objective = 'losses (final, exits)', train.weighted_loss
         what = f"{'layer-parallel pairs of ' if pairs else ''}blocks {span.start}..{span.stop - 1}"
     else:
         depth = max(mcfg.exit_depths)
@@ -130,48 +120,29 @@ def tune(cfg):
         model = GPT(mcfg, ps, cfg['seed'], layers=layers).to(device)  # nothing past the deepest exit
         learns = lambda name: name.startswith('exits.')
         names = 'exit losses'
-        objective = lambda x, y, w: exit_objective(model, x, y, w, cfg['dynamic_weighting'], ps)
+        objective = lambda m, x, y, w: exit_objective(m, x, y, w, cfg['dynamic_weighting'], ps)
         what = (f'exit parameters (stage 0) on a frozen backbone of blocks 0..{depth - 1} (of {mcfg.n_layer}; '
                 f'blocks {depth}..{mcfg.n_layer - 1} are never built)')
     src.load_into(model, ps=ps)
     for name, p in model.named_parameters():
         p.requires_grad_(learns(name))
-    n_losses = n_exits + bool(span)
     cfg = dict(cfg, **{k: getattr(mcfg, k) for k in train.MODEL_KEYS})
-    optimizer = train.make_optimizer(model, cfg, device_type)
+    optimizer = train.make_optimizer(model, cfg['learning_rate'], cfg['weight_decay'], (cfg['beta1'], cfg['beta2']),
+                                     device_type)
     grads = GradSync(model.parameters(), ps)
     B, T, accum = cfg['batch_size'], mcfg.block_size, cfg['gradient_accumulation_steps']
-    if accum % ps.dp:
-        raise ValueError(f'gradient_accumulation_steps={accum} is not divisible by dp={ps.dp}')
-    local = accum // ps.dp
+    batches = train.Batches(data, B, T, accum, cfg['seed'], device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say = print if ps.is_main else (lambda *a, **k: None)
-    say(f"tuning {trainable / 1e6:.3f}M {what}, {str(ps).split(' rank')[0]}")
+    say(f"tuning {trainable / 1e6:.3f}M {what}, {str(ps).split(' rank')[0]}, {cfg['dtype']}")
     if ps.is_main:
         os.makedirs(cfg['out_dir'], exist_ok=True)
     log = open(os.path.join(cfg['out_dir'], 'log.jsonl'), 'a') if ps.is_main else None
-
-    def reduce(t):  # each exit's loss lives on one stage, each dp rank saw its share
-        for group, n in ((ps.pp_group, ps.pp), (ps.dp_group, ps.dp)):
-            if n > 1:
-                dist.all_reduce(t, group=group)
-
-    def val_losses():
-        model.eval()
-        tot = torch.zeros(n_losses, device=device)
-        for k in range(ps.dp_rank, cfg['eval_iters'], ps.dp):
-            x, y = train.eval_batch(data, 'val', k, T, B, cfg['seed'], device)
-            with ctx, torch.no_grad():
-                for e, ce in objective(x, y, [1.0] * n_exits)[1].items():
-                    tot[e] += ce
-        reduce(tot)
-        model.train()
-        return (tot / cfg['eval_iters']).tolist()
-
+    n_exits = len(mcfg.exit_layers)
     t0 = time.time()
     for it in range(cfg['max_iters'] + 1):
         if it % cfg['eval_interval'] == 0 or it == cfg['max_iters']:
-            v = val_losses()
+            v = train.evaluate(model, batches, cfg['eval_iters'], ctx, ps, ('val',), objective)['val']
             say(f'step {it}: val {names} {train.fmt_losses(v)}')
             if log:
                 log.write(json.dumps({'iter': it, 'val_losses': v}) + '\n')
@@ -179,33 +150,14 @@ def tune(cfg):
         if it == cfg['max_iters']:
             break
         lr = train.get_lr(it, cfg)
-        for g in optimizer.param_groups:
-            g['lr'] = lr
-        w = train.exit_weights(it, cfg, n_exits)
-        offsets = train.batch_offsets(len(data['train']), T, B * accum, cfg['seed'], it, 'train')
-        sums = torch.zeros(n_losses, device=device)
-        for m in range(local):
-            k = ps.dp_rank * local + m
-            x, y = train.get_batch(data['train'], offsets[k * B:(k + 1) * B], T, device)
-            grads.sync = m == local - 1
-            with ctx:
-                obj, ces = objective(x, y, w)
-            if ces:
-                (obj / accum).backward()
-            for e, ce in ces.items():
-                sums[e] += ce / accum
-        grads.wait()
-        if cfg['grad_clip'] > 0:
-            clip_grad_norm_(grads.params, cfg['grad_clip'], ps)
-        optimizer.step()
-        grads.zero()
+        losses, _ = train.train_step(model, optimizer, grads, batches, it, lr, train.exit_weights(it, cfg, n_exits),
+                                     cfg['grad_clip'], ctx, scaler, ps, objective)
         if it % cfg['log_interval'] == 0:
-            reduce(sums)
             dt = (time.time() - t0) / (1 if it == 0 else cfg['log_interval'])
-            say(f'iter {it}: {names} {train.fmt_losses(sums.tolist())} lr {lr:.2e} {dt * 1000:.1f} ms '
+            say(f'iter {it}: {names} {train.fmt_losses(losses.tolist())} lr {lr:.2e} {dt * 1000:.1f} ms '
                 f'{B * accum * T / dt:,.0f} tok/s')
             if log:
-                log.write(json.dumps({'iter': it, 'losses': sums.tolist(), 'lr': lr, 'ms': dt * 1000}) + '\n')
+                log.write(json.dumps({'iter': it, 'losses': losses.tolist(), 'lr': lr, 'ms': dt * 1000}) + '\n')
                 log.flush()
             t0 = time.time()
     save_tuned(cfg['out_dir'], src, model, optimizer, cfg, cfg['max_iters'], src.meta.get('data') or data_meta, ps)
@@ -215,9 +167,9 @@ def tune(cfg):
     return model
 
 
+def main(args):
+    return tune(configure(DEFAULTS, args, train.PER_EXIT_KEYS))
+
+
 if __name__ == '__main__':
-    try:
-        tune(train.configure(DEFAULTS, sys.argv[1:]))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    run(main)

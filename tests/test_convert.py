@@ -5,9 +5,11 @@ import json
 import pytest
 import torch
 
+import checkpoint
+from decode import generate
 import convert
-import generate
 import train
+from configurator import configure
 from model import GPT, GPTConfig
 
 transformers = pytest.importorskip('transformers')
@@ -40,7 +42,7 @@ def test_from_hf_matches_transformers_and_round_trips(tmp_path, arch):
     tok.train_from_iterator(['def f(x): return x + 1'] * 10, tokenizers.trainers.BpeTrainer(vocab_size=97))
     tok.save(str(tmp_path / 'hf' / 'tokenizer.json'))
     convert.from_hf(str(tmp_path / 'hf'), str(tmp_path / 'ours'))
-    encode, decode = generate.tokenizer(json.loads((tmp_path / 'ours' / 'ckpt' / 'meta.json').read_text()),
+    encode, decode = checkpoint.tokenizer(json.loads((tmp_path / 'ours' / 'ckpt' / 'meta.json').read_text()),
                                         str(tmp_path / 'ours'))
     assert decode(encode('def f(x)')).strip() == 'def f(x)'  # the tokenizer came along
     model, _ = convert.load(str(tmp_path / 'ours'))
@@ -52,7 +54,7 @@ def test_from_hf_matches_transformers_and_round_trips(tmp_path, arch):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     prompt = [3, 14, 15, 92]
     ref = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, pad_token_id=0)[0, 4:].tolist()
-    assert generate.generate(model, prompt, 10, 'full')['tokens'] == ref
+    assert generate(model, prompt, 10, 'full')['tokens'] == ref
     convert.to_hf(str(tmp_path / 'ours'), str(tmp_path / 'back'))
     from safetensors.torch import load_file
     before, after = load_file(tmp_path / 'hf' / 'model.safetensors'), load_file(tmp_path / 'back' / 'model.safetensors')
@@ -95,7 +97,7 @@ def test_unsupported_configs_are_refused(tmp_path):
 
 def test_add_exits_copies_and_trains(tmp_path):
     base = GPT(GPTConfig(arch='llama', n_layer=4, n_head=4, n_embd=32, vocab_size=256, block_size=32), seed=1)
-    train.save_checkpoint(str(tmp_path / 'base'), base, None, {}, 0, 0.0, data={'tokenizer': 'bytes'})
+    checkpoint.save_checkpoint(str(tmp_path / 'base'), base, None, {}, 0, 0.0, data={'tokenizer': 'bytes'})
     with pytest.raises(ValueError, match='pass --keep_exits=False'):
         convert.add_exits(str(tmp_path / 'base'), str(tmp_path / 'ee'), [1, 3], exit_norm=True, exit_mlp=True,
                           exit_untie=True)
@@ -116,8 +118,8 @@ def test_add_exits_copies_and_trains(tmp_path):
     convert.add_exits(str(tmp_path / 'base'), str(tmp_path / 'blk'), [2], exit_block=True)
     blk, _ = convert.load(str(tmp_path / 'blk'))
     assert torch.equal(blk.exits['0'].block.attn.q.weight, base.blocks['3'].attn.q.weight)
-    out = generate.generate(ee, [1, 2, 3], 5, 'recompute', thres=0.0)
-    assert out['exit_layers'] == [1] * 5
+    out = generate(ee, [1, 2, 3], 5, 'recompute', thres=0.0)
+    assert out['depths'] == [1] * 5
 
 
 @pytest.fixture(scope='module')
@@ -131,7 +133,7 @@ def tune_setup(tmp_path_factory):
     (d / 'c.txt').write_text(open(convert.__file__).read() * 4)
     prepare.main(['--input', str(d / 'c.txt'), '--out_dir', str(d / 'data')])
     base = GPT(GPTConfig(arch='llama', n_layer=4, n_head=4, n_embd=32, vocab_size=256, block_size=32), seed=1)
-    train.save_checkpoint(str(d / 'base'), base, None, {}, 0, 0.0, data={'tokenizer': 'bytes'})
+    checkpoint.save_checkpoint(str(d / 'base'), base, None, {}, 0, 0.0, data={'tokenizer': 'bytes'})
     convert.add_exits(str(d / 'base'), str(d / 'ee'), [1, 2], exit_norm=True, exit_untie=True)
     args = [f'--init_from={d / "ee"}', f'--dataset={d / "data"}', '--device=cpu', '--dtype=float32',
             '--max_iters=40', '--eval_interval=40', '--eval_iters=4', '--batch_size=8', '--learning_rate=1e-2',
@@ -142,34 +144,51 @@ def tune_setup(tmp_path_factory):
 def test_tune_trains_only_the_exits(tune_setup, tmp_path):
     import tune
     d, args = tune_setup
-    cfg = train.configure(tune.DEFAULTS, args + [f'--out_dir={tmp_path / "tuned"}'])
+    cfg = configure(tune.DEFAULTS, args + [f'--out_dir={tmp_path / "tuned"}'], train.PER_EXIT_KEYS)
     model = tune.tune(cfg)
     assert sorted(model.blocks) == ['0', '1'] and model.norm_f is None and model.lm_head is None  # never built
     evals = [json.loads(line) for line in open(tmp_path / 'tuned' / 'log.jsonl') if 'val_losses' in line]
     for a, b in zip(evals[0]['val_losses'], evals[-1]['val_losses'], strict=True):
         assert b < a - 0.3
-    tuned, _ = train.load_model(str(tmp_path / 'tuned'))
+    tuned, _ = checkpoint.load_model(str(tmp_path / 'tuned'))
     before, _ = convert.load(str(d / 'ee'))
     for (name, p), q in zip(tuned.logical_parameters(), before.parameters()):
         assert torch.equal(p, q) != name.startswith('exits.'), name  # backbone identical, exits trained
-    out = generate.generate(tuned, [100, 101, 102], 6, 'recompute', thres=0.0)
-    assert out['exit_layers'] == [1] * 6
+    out = generate(tuned, [100, 101, 102], 6, 'recompute', thres=0.0)
+    assert out['depths'] == [1] * 6
     tune.tune(dict(cfg, dynamic_weighting=True, max_iters=3, out_dir=str(tmp_path / 'dyn')))
+
+
+@pytest.mark.parametrize('dtype', list(train.DTYPES))
+def test_tune_runs_every_training_dtype(tune_setup, tmp_path, dtype):
+    """tune.py trains through train.py's step, so every dtype train.py accepts works, float16
+    with loss scaling included (CPU autocast and GradScaler), and only the exits change."""
+    import tune
+    d, args = tune_setup
+    cfg = configure(tune.DEFAULTS, args + [f'--out_dir={tmp_path / dtype}', f'--dtype={dtype}', '--max_iters=6',
+                                           '--eval_interval=6'], train.PER_EXIT_KEYS)
+    tune.tune(cfg)
+    evals = [json.loads(line) for line in open(tmp_path / dtype / 'log.jsonl') if 'val_losses' in line]
+    assert all(b < a for a, b in zip(evals[0]['val_losses'], evals[-1]['val_losses'], strict=True))
+    tuned, _ = checkpoint.load_model(str(tmp_path / dtype))
+    before, _ = convert.load(str(d / 'ee'))
+    for (name, p), q in zip(tuned.logical_parameters(), before.parameters()):
+        assert torch.equal(p, q) != name.startswith('exits.'), name
 
 
 def test_pair_tuning_trains_only_the_pairs(tune_setup, tmp_path):
     import tune
     d, args = tune_setup
     args = [a.replace(str(d / 'ee'), str(d / 'base')) for a in args] + [f'--out_dir={tmp_path / "pairs"}']
-    model = tune.tune(train.configure(tune.DEFAULTS, args + ['--layer_parallel=[2,4]']))
+    model = tune.tune(configure(tune.DEFAULTS, args + ['--layer_parallel=[2,4]'], train.PER_EXIT_KEYS))
     assert [b.width for b in model.blocks.values()] == [1, 1, 2]
     evals = [json.loads(line) for line in open(tmp_path / 'pairs' / 'log.jsonl') if 'val_losses' in line]
     assert evals[-1]['val_losses'][0] < evals[0]['val_losses'][0] - 0.1  # the final loss falls (5.56 -> 5.33)
     with pytest.raises(ValueError, match='tuned to run with layer_parallel=.2, 4.'):
-        train.load_model(str(tmp_path / 'pairs'), layer_parallel=[])
-    tuned, _ = train.load_model(str(tmp_path / 'pairs'))  # runs with its pairs by default
+        checkpoint.load_model(str(tmp_path / 'pairs'), layer_parallel=[])
+    tuned, _ = checkpoint.load_model(str(tmp_path / 'pairs'))  # runs with its pairs by default
     assert tuned.config.layer_parallel == (2, 4)
-    paired, _ = train.load_model(str(d / 'base'), layer_parallel=[2, 4])
+    paired, _ = checkpoint.load_model(str(d / 'base'), layer_parallel=[2, 4])
     for (name, p), q in zip(tuned.logical_parameters(), paired.parameters(), strict=True):
         assert torch.equal(p, q) != name.startswith('blocks.2.'), name  # only the pair learned
     idx = torch.randint(0, 256, (2, 16))
@@ -193,7 +212,7 @@ def test_tune_under_torchrun_matches_one_process(tune_setup, tmp_path, n, layout
         for k in ('losses', 'val_losses'):
             if k in a:
                 assert b[k] == pytest.approx(a[k], rel=1e-4), (a['iter'], k)
-    one_model, _ = train.load_model(str(tmp_path / 'one'))
-    par_model, _ = train.load_model(str(tmp_path / 'par'))
+    one_model, _ = checkpoint.load_model(str(tmp_path / 'one'))
+    par_model, _ = checkpoint.load_model(str(tmp_path / 'par'))
     for (name, p), q in zip(one_model.logical_parameters(), par_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)

@@ -4,6 +4,7 @@ per-position loop over the heads' logits, the full model's greedy tokens, hand-m
 import csv
 import json
 import os
+import subprocess
 import sys
 import sysconfig
 
@@ -12,9 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import evaluate
 import train
+from configurator import configure
 from model import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TRAIN_FILES = ['argparse.py', 'textwrap.py', 'shlex.py', 'fractions.py', 'string.py', 'glob.py']
 VAL_FILES = ['json/encoder.py', 'json/decoder.py', 'fnmatch.py']
@@ -39,11 +44,11 @@ def sweep(tmp_path_factory):
     on some tokens, and the sweep's result."""
     d = tmp_path_factory.mktemp('frontier')
     write_dataset(str(d / 'data'))
-    train.train(train.configure(train.DEFAULTS, [
+    train.train(configure(train.DEFAULTS, [
         f'--out_dir={d / "ckpt"}', f'--dataset={d / "data"}', '--device=cpu', '--dtype=float32', '--arch=llama',
         '--n_layer=3', '--n_head=2', '--n_embd=32', '--block_size=64', '--exit_layers=[1,2]', '--exit_norm',
         '--batch_size=8', '--max_iters=150', '--eval_interval=150', '--eval_iters=2', '--log_interval=50',
-        '--learning_rate=1e-2', '--warmup_iters=10', '--exit_weight=0.5']))
+        '--learning_rate=1e-2', '--warmup_iters=10', '--exit_weight=0.5'], train.PER_EXIT_KEYS))
     result = evaluate.main([f'--out_dir={d / "ckpt"}', '--sweep=thresholds', '--device=cpu', '--dtype=float32',
                             f'--thresholds={THRESHOLDS}', '--eval_iters=2', '--batch_size=4', '--prompts=2',
                             '--gen_tokens=8', '--lines=3', f'--report={d / "out" / "fr"}'])
@@ -53,11 +58,11 @@ def sweep(tmp_path_factory):
 def test_val_losses_match_train_evaluate_and_a_loop(sweep):
     d, result = sweep
     rows = {r['name']: r for r in result['rows']}
-    model, _ = train.load_model(str(d / 'ckpt'))
+    model, _ = checkpoint.load_model(str(d / 'ckpt'))
     data, _ = train.load_data(str(d / 'data'))
-    cfg = dict(eval_iters=2, batch_size=4, seed=evaluate.DEFAULTS['seed'], block_size=64, exit_layers=(1, 2),
-               device='cpu')
-    final, exits = train.evaluate(model, data, cfg, train.autocast('cpu', 'float32'), splits=('val',))['val']
+    cfg = dict(seed=evaluate.DEFAULTS['seed'])
+    batches = train.Batches(data, 4, 64, seed=cfg['seed'])
+    final, *exits = train.evaluate(model, batches, 2, train.autocast('cpu', 'float32'), splits=('val',))['val']
     assert rows['full']['val_loss'] == pytest.approx(final, rel=1e-5)
     assert rows['0.00']['val_loss'] == pytest.approx(exits[0], rel=1e-5)  # max prob >= 0: exit 1 always fires
     # the middle threshold: every position on its own, heads in depth order
@@ -106,6 +111,24 @@ def test_report_files(sweep):
     assert len(lines) >= 2 and len(lines) % 2 == 0
     for text, marks in zip(lines[::2], lines[1::2]):
         assert len(marks) == len(text) and set(marks) <= set('12 ')
+
+
+def test_sweep_without_matplotlib_writes_the_rest(sweep, tmp_path):
+    """A user without matplotlib: the sweep still writes its table, CSV and JSON, and says once
+    that it drew no picture and why (matplotlib made unimportable in a fresh interpreter)."""
+    d, _ = sweep
+    prefix = tmp_path / 'nomp'
+    args = [f'--out_dir={d / "ckpt"}', '--sweep=thresholds', '--device=cpu', '--dtype=float32', '--thresholds=[0.5]',
+            '--eval_iters=1', '--batch_size=2', '--prompts=1', '--gen_tokens=4', '--lines=0', '--spec_exits=[]',
+            '--repeats=1', f'--report={prefix}']
+    code = ("import runpy, sys; sys.modules['matplotlib'] = None; "
+            f"sys.argv = ['evaluate.py'] + {args!r}; runpy.run_path('evaluate.py', run_name='__main__')")
+    out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert os.path.exists(f'{prefix}.csv') and os.path.exists(f'{prefix}.json')
+    assert not os.path.exists(f'{prefix}.png')
+    assert out.stdout.count('no picture') == 1 and 'matplotlib' in out.stdout
+    assert 'val perplexity' in out.stdout  # the table is printed
 
 
 def test_picture_is_skipped_without_matplotlib(tmp_path, monkeypatch):
@@ -169,6 +192,6 @@ def test_bad_inputs_are_clear_errors(sweep, tmp_path):
     with pytest.raises(SystemExit, match="sweep='threshold'; allowed: 'pairs', 'thresholds'"):
         evaluate.main([a.replace('thresholds', 'threshold') for a in base])
     plain = GPT(GPTConfig(arch='llama', n_layer=2, n_head=2, n_embd=16, vocab_size=256, block_size=64, exit_layers=()))
-    train.save_checkpoint(str(tmp_path / 'plain'), plain, None, {'dataset': str(d / 'data')}, 0, 0.0)
+    checkpoint.save_checkpoint(str(tmp_path / 'plain'), plain, None, {'dataset': str(d / 'data')}, 0, 0.0)
     with pytest.raises(SystemExit, match='needs a checkpoint with exits'):
         evaluate.main([f'--out_dir={tmp_path / "plain"}'] + base[1:])

@@ -5,6 +5,9 @@ import json
 import pytest
 import torch
 
+import checkpoint
+import decode
+from decode import generate as generate_ids  # (decode is the detokenizer below)
 import generate
 import train
 from model import GPT, GPTConfig
@@ -57,9 +60,9 @@ PROMPT = [5, 17, 3, 42, 8, 8, 1]
 def test_cached_greedy_equals_naive(v):
     model = peaked_model(v)
     want, _ = naive(model, PROMPT, 20)
-    assert generate.generate(model, PROMPT, 20, 'full')['tokens'] == want
-    out = generate.generate(model, PROMPT, 20, 'recompute', thres=1.01)  # nothing can exit
-    assert out['tokens'] == want and set(out['exit_layers']) == {4}
+    assert decode.generate(model, PROMPT, 20, 'full')['tokens'] == want
+    out = decode.generate(model, PROMPT, 20, 'recompute', thres=1.01)  # nothing can exit
+    assert out['tokens'] == want and set(out['depths']) == {4}
 
 
 @pytest.mark.parametrize('v', VARIANTS, ids=['gpt2-exit_block', 'llama-exit_mlp'])
@@ -68,8 +71,8 @@ def test_recompute_equals_naive_early_exit(v):
     mixed = 0
     for thres in (0.0, 0.3, 0.6, 0.9):
         want, want_depths = naive(model, PROMPT, 24, thres)
-        out = generate.generate(model, PROMPT, 24, 'recompute', thres=thres)
-        assert out['tokens'] == want and out['exit_layers'] == want_depths, thres
+        out = decode.generate(model, PROMPT, 24, 'recompute', thres=thres)
+        assert out['tokens'] == want and out['depths'] == want_depths, thres
         mixed += len(set(want_depths)) > 1
     assert mixed >= 2  # tokens leave at several depths: deep KV of exited tokens is exercised
 
@@ -80,56 +83,56 @@ def test_speculative_equals_full_greedy(v):
     want, _ = naive(model, PROMPT, 25)
     for spec_exit in (0, 2):
         for k in (1, 3, 5):
-            out = generate.generate(model, PROMPT, 25, 'speculative', spec_exit=spec_exit, spec_k=k)
+            out = decode.generate(model, PROMPT, 25, 'speculative', spec_exit=spec_exit, spec_k=k)
             assert out['tokens'] == want, (spec_exit, k)
             assert 0 <= out['accepted'] <= out['drafted']
 
 
 def test_sampling_is_reproducible_and_respects_top_k():
     model = peaked_model(VARIANTS[1])
-    a = generate.generate(model, PROMPT, 15, 'full', temperature=1.5, top_k=3, seed=1)['tokens']
-    b = generate.generate(model, PROMPT, 15, 'full', temperature=1.5, top_k=3, seed=1)['tokens']
+    a = decode.generate(model, PROMPT, 15, 'full', temperature=1.5, top_k=3, seed=1)['tokens']
+    b = decode.generate(model, PROMPT, 15, 'full', temperature=1.5, top_k=3, seed=1)['tokens']
     assert a == b
     logits = torch.tensor([[0.0, 5.0, 4.0, 3.0, -1.0]])
     g = torch.Generator().manual_seed(0)
-    draws = {int(generate.sample(logits, 1.0, top_k=2, generator=g)) for _ in range(200)}
+    draws = {int(decode.sample(logits, 1.0, top_k=2, generator=g)) for _ in range(200)}
     assert draws == {1, 2}
-    draws = {int(generate.sample(logits, 1.0, top_p=0.5, generator=g)) for _ in range(200)}
+    draws = {int(decode.sample(logits, 1.0, top_p=0.5, generator=g)) for _ in range(200)}
     assert draws == {1}
 
 
 def test_cli_json(tmp_path, capsys):
     model = peaked_model(dict(arch='llama', exit_layers=(2,), exit_norm=True, exit_untie=True, vocab_size=256))
     model.float()
-    opt = train.make_optimizer(model, train.DEFAULTS, 'cpu')
-    GradSync(model.parameters(), train.LOCAL)
-    train.save_checkpoint(str(tmp_path), model, opt, {}, 0, 0.0, data={'tokenizer': 'bytes', 'eot_token': None})
+    opt = train.make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 'cpu')
+    GradSync(model.parameters(), LOCAL)
+    checkpoint.save_checkpoint(str(tmp_path), model, opt, {}, 0, 0.0, data={'tokenizer': 'bytes', 'eot_token': None})
     out = generate.main([f'--out_dir={tmp_path}', '--prompt=def f(x):', '--max_new_tokens=12',
                          '--early_exit_thres=0.5', '--show_exits', '--print_max_prob', '--json'])
     lines = capsys.readouterr().out.strip().splitlines()
     result = json.loads(lines[-1])
     assert result['tokens'] == out['tokens'] and len(result['tokens']) == 12
-    assert set(result['exit_layers']) <= {2, 4} and isinstance(result['text'], str) and result['tokens_per_s'] > 0
+    assert set(result['depths']) <= {2, 4} and isinstance(result['text'], str) and result['tokens_per_s'] > 0
     assert any('tokens/s' in line and 'mean depth' in line for line in lines)
     with pytest.raises(SystemExit, match='exit layer 3 is not one of'):
         generate.main([f'--out_dir={tmp_path}', '--exit_layers=[3]', '--early_exit_thres=0.5'])
 
 
 def methods(model):
-    return [generate.generate(model, PROMPT, 16, 'recompute', thres=t)['tokens'] for t in (0.3, 0.6, 2.0)] + \
-           [generate.generate(model, PROMPT, 16, 'speculative', spec_exit=1, spec_k=3)['tokens']]
+    return [decode.generate(model, PROMPT, 16, 'recompute', thres=t)['tokens'] for t in (0.3, 0.6, 2.0)] + \
+           [decode.generate(model, PROMPT, 16, 'speculative', spec_exit=1, spec_k=3)['tokens']]
 
 
 def _tp_decode(path, want):
-    model, _ = train.load_model(path, ParallelState(tp=2))
+    model, _ = checkpoint.load_model(path, ParallelState(tp=2))
     assert methods(model.double().eval()) == want
 
 
 def test_tensor_parallel_decode_matches_one_process(tmp_path):
     model = peaked_model(dict(VARIANTS[1], vocab_size=63))  # odd vocabulary: padded under tp2
-    opt = train.make_optimizer(model, train.DEFAULTS, 'cpu')
-    train.save_checkpoint(str(tmp_path), model, opt, {}, 0, 0.0)
-    one, _ = train.load_model(str(tmp_path), LOCAL)
+    opt = train.make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 'cpu')
+    checkpoint.save_checkpoint(str(tmp_path), model, opt, {}, 0, 0.0)
+    one, _ = checkpoint.load_model(str(tmp_path), LOCAL)
     want = methods(one.double().eval())
     assert len({tuple(w) for w in want}) > 1  # the thresholds make a difference
     spawn(_tp_decode, 2, str(tmp_path), want)
@@ -139,7 +142,7 @@ def test_server_round_trip_and_bad_requests(tmp_path):
     import http.client
     import threading
     model = peaked_model(dict(arch='llama', exit_layers=(2,), exit_norm=True, exit_untie=True, vocab_size=256))
-    encode, decode = generate.tokenizer({'data': {'tokenizer': 'bytes'}})
+    encode, decode = checkpoint.tokenizer({'data': {'tokenizer': 'bytes'}})
     server = generate.make_server(model, encode, decode, 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
 
@@ -157,7 +160,7 @@ def test_server_round_trip_and_bad_requests(tmp_path):
     assert len(resp['text']) == 2 and resp['text'][0].startswith('def f(') and len(resp['logprobs'][1]) == 6
     assert len(resp['segments'][0]) == len('def f(') + 6 and all(lp <= 0 for lp in resp['logprobs'][0])
     assert len(resp['max_probs'][1]) == 6
-    want = generate.generate(model, encode('def f('), 6, 'recompute', 0.5)['tokens']
+    want = generate_ids(model, encode('def f('), 6, 'recompute', 0.5)['tokens']
     assert resp['text'][0] == decode(encode('def f(') + want)  # the same tokens as the library call
     for body, field in [(b'{not json', 'not JSON'), ({'tokens_to_generate': 3}, 'prompts is required'),
                         ({'prompts': 'abc'}, 'prompts='), ({'prompts': ['a'], 'temperature': -1}, 'temperature='),
@@ -179,11 +182,11 @@ def test_speculative_sampling_keeps_the_full_distribution():
     model = peaked_model(dict(arch='llama', exit_layers=(1,), exit_norm=True, exit_untie=True, vocab_size=6))
     with torch.no_grad():
         model.lm_head.weight.div_(10)  # softer than the exit: drafts get rejected sometimes
-        p = generate.distribution(model(torch.tensor([PROMPT[:3]]) % 6)[0][:, -1], 1.0)[0]
+        p = decode.distribution(model(torch.tensor([PROMPT[:3]]) % 6)[0][:, -1], 1.0)[0]
     counts, n = torch.zeros(6), 1500
     accepted = 0
     for s in range(n):
-        out = generate.generate(model, [t % 6 for t in PROMPT[:3]], 1, 'speculative', spec_exit=0, spec_k=2,
+        out = decode.generate(model, [t % 6 for t in PROMPT[:3]], 1, 'speculative', spec_exit=0, spec_k=2,
                                 temperature=1.0, seed=s)
         counts[out['tokens'][0]] += 1
         accepted += out['accepted']
@@ -193,12 +196,12 @@ def test_speculative_sampling_keeps_the_full_distribution():
 
 def _pipelined(path, pp, want):
     ps = ParallelState(pp=pp)
-    model, _ = train.load_model(path, ps)
+    model, _ = checkpoint.load_model(path, ps)
     model.double().eval()
     for (thres, tokens, depths) in want:
-        out = generate.generate_pipelined(model, PROMPT, 16, thres, ps=ps)
+        out = decode.generate_pipelined(model, PROMPT, 16, thres, ps=ps)
         if ps.pp_rank == 0:
-            assert out['tokens'] == tokens and out['exit_layers'] == depths, thres
+            assert out['tokens'] == tokens and out['depths'] == depths, thres
         else:
             assert out is None
 
@@ -207,13 +210,13 @@ def _pipelined(path, pp, want):
 def test_pipeline_based_equals_recompute(tmp_path, pp):
     v = dict(arch='gpt2', n_layer=6, exit_layers=(2, 3, 5), exit_block=True, exit_norm=True, exit_untie=True)
     model = peaked_model(v)
-    train.save_checkpoint(str(tmp_path), model, train.make_optimizer(model, train.DEFAULTS, 'cpu'), {}, 0, 0.0)
-    one, _ = train.load_model(str(tmp_path))
+    checkpoint.save_checkpoint(str(tmp_path), model, train.make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 'cpu'), {}, 0, 0.0)
+    one, _ = checkpoint.load_model(str(tmp_path))
     one.double().eval()
     want = []
     for thres in (None, 0.3, 0.6):
-        out = generate.generate(one, PROMPT, 16, 'recompute', thres=thres)
-        want.append((thres, out['tokens'], out['exit_layers']))
+        out = decode.generate(one, PROMPT, 16, 'recompute', thres=thres)
+        want.append((thres, out['tokens'], out['depths']))
     assert len(set(want[1][2])) > 1  # exits at several depths
     spawn(_pipelined, pp, str(tmp_path), pp, want)
 
@@ -221,7 +224,7 @@ def test_pipeline_based_equals_recompute(tmp_path, pp):
 def test_cli_under_torchrun_tp_and_pipeline(tmp_path):
     v = dict(arch='llama', n_layer=4, n_kv_head=2, exit_layers=(1, 2), exit_norm=True, exit_untie=True, vocab_size=256)
     model = peaked_model(v).float()
-    train.save_checkpoint(str(tmp_path), model, train.make_optimizer(model, train.DEFAULTS, 'cpu'), {}, 0, 0.0,
+    checkpoint.save_checkpoint(str(tmp_path), model, train.make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 'cpu'), {}, 0, 0.0,
                           data={'tokenizer': 'bytes', 'eot_token': None})
     args = [f'--out_dir={tmp_path}', '--prompt=import os', '--max_new_tokens=10', '--early_exit_thres=0.4', '--json']
     one = subprocess.run([sys.executable, 'generate.py'] + args, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -231,7 +234,7 @@ def test_cli_under_torchrun_tp_and_pipeline(tmp_path):
         got = torchrun(n, args + extra, ROOT, 'generate.py')
         assert got.returncode == 0, got.stderr[-2000:]
         got = json.loads(got.stdout.strip().splitlines()[-1])
-        assert got['tokens'] == want['tokens'] and got['exit_layers'] == want['exit_layers'], extra
+        assert got['tokens'] == want['tokens'] and got['depths'] == want['depths'], extra
 
 
 def test_compiled_decoding_equals_naive():
@@ -239,10 +242,11 @@ def test_compiled_decoding_equals_naive():
     give the naive reference's tokens and exits, with KV recomputation and speculation."""
     model = peaked_model(VARIANTS[1])
     want, want_depths = naive(model, PROMPT, 16, 0.6)
-    out = generate.generate(model, PROMPT, 16, 'recompute', thres=0.6, compile=True)
-    assert out['tokens'] == want and out['exit_layers'] == want_depths and len(set(want_depths)) > 2
-    out = generate.generate(model, PROMPT, 16, 'speculative', spec_exit=1, spec_k=3, compile=True)
-    assert out['tokens'] == naive(model, PROMPT, 16)[0] and model.decoder.compile
+    dec = decode.Decoder(model, compile=True)
+    out = decode.generate(model, PROMPT, 16, 'recompute', thres=0.6, decoder=dec)
+    assert out['tokens'] == want and out['depths'] == want_depths and len(set(want_depths)) > 2
+    out = decode.generate(model, PROMPT, 16, 'speculative', spec_exit=1, spec_k=3, decoder=dec)
+    assert out['tokens'] == naive(model, PROMPT, 16)[0] and dec.compile
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='CUDA graphs need a GPU')
@@ -255,13 +259,14 @@ def test_cuda_graph_decoding_equals_eager(v, compile):
     model = peaked_model(v).cuda()
     runs = [('full', {}), ('speculative', dict(spec_exit=0, spec_k=3)), ('speculative', dict(spec_exit=2, spec_k=4))]
     runs += [('recompute', dict(thres=t)) for t in (0.0, 0.3, 0.6, 0.9)]
-    wants = [generate.generate(model, PROMPT, 24, method, graphs=False, **kw) for method, kw in runs]
+    eager, dec = decode.Decoder(model, graphs=False), decode.Decoder(model, graphs=True, compile=compile)
+    wants = [decode.generate(model, PROMPT, 24, method, decoder=eager, **kw) for method, kw in runs]
     for (method, kw), want in zip(runs + runs, wants + wants):  # the second round replays the graphs
-        got = generate.generate(model, PROMPT, 24, method, graphs=True, compile=compile, **kw)
-        assert got['tokens'] == want['tokens'] and got['exit_layers'] == want['exit_layers'], (method, kw)
+        got = decode.generate(model, PROMPT, 24, method, decoder=dec, **kw)
+        assert got['tokens'] == want['tokens'] and got['depths'] == want['depths'], (method, kw)
         # (the confidence is computed in float32: compiled kernels round it differently)
         assert got['logprobs'] == pytest.approx(want['logprobs'], abs=1e-5 if compile else 1e-9)
-    assert model.decoder.graphs and model.decoder.compile == compile and len(model.decoder.captured) >= 6
+    assert dec.graphs and dec.compile == compile and len(dec.captured) >= 6
 
 
 def test_bench_early_exit_decode_runs_tiny_on_cpu():

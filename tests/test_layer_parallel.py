@@ -6,7 +6,8 @@ import dataclasses
 import pytest
 import torch
 
-import generate
+import checkpoint
+import decode
 import train
 from model import GPT, GPTConfig, pair_tensor
 from parallel import ParallelState
@@ -82,10 +83,10 @@ def test_paired_cached_decode_equals_no_cache(v):
     pm = paired(peaked_model(v), (2, 6))
     for thres in (None, 0.3, 0.6):
         tokens, depths = naive(pm, PROMPT, 16, thres)
-        out = generate.generate(pm, PROMPT, 16, 'recompute', thres=thres)
-        assert (out['tokens'], out['exit_layers']) == (tokens, depths), thres
+        out = decode.generate(pm, PROMPT, 16, 'recompute', thres=thres)
+        assert (out['tokens'], out['depths']) == (tokens, depths), thres
     full, _ = naive(pm, PROMPT, 16)
-    assert generate.generate(pm, PROMPT, 16, 'speculative', spec_exit=0, spec_k=3)['tokens'] == full
+    assert decode.generate(pm, PROMPT, 16, 'speculative', spec_exit=0, spec_k=3)['tokens'] == full
 
 
 def test_bad_spans_are_clear_errors():
@@ -100,30 +101,30 @@ def test_bad_spans_are_clear_errors():
 
 @torch.no_grad()
 def _tp(path, tp, span, want_logits, want_tokens):
-    model, _ = train.load_model(path, ParallelState(tp=tp), layer_parallel=span)
+    model, _ = checkpoint.load_model(path, ParallelState(tp=tp), layer_parallel=span)
     model.double().eval()
     pair = model.blocks[str(span[0])]
     assert pair.width == 2 and pair.attn.n_head == 2 * model.config.n_head // model.ps.tp  # 2 layers' heads / tp
     idx = torch.tensor([PROMPT])
-    logits = generate.full_vocab(model, model(idx)[0])
+    logits = decode.full_vocab(model, model(idx)[0])
     torch.testing.assert_close(logits, want_logits, rtol=1e-9, atol=1e-9)
-    assert [generate.generate(model, PROMPT, 16, 'recompute', thres=t)['tokens'] for t in (None, 0.4)] == want_tokens
+    assert [decode.generate(model, PROMPT, 16, 'recompute', thres=t)['tokens'] for t in (None, 0.4)] == want_tokens
 
 
 @pytest.mark.parametrize('tp', [2, 4])
 def test_tensor_parallel_pairs_equal_one_device(tmp_path, tp):
     v = dict(VARIANTS['llama'], n_head=8, n_kv_head=4, exit_block=False, exit_norm=True, vocab_size=63)
     model = peaked_model(v)
-    train.save_checkpoint(str(tmp_path), model, None, {}, 0, 0.0)
+    checkpoint.save_checkpoint(str(tmp_path), model, None, {}, 0, 0.0)
     span = [0, 2]
     with pytest.raises(ValueError, match='layer_parallel'):
-        train.load_model(str(tmp_path), layer_parallel=[1, 2])
-    one, _ = train.load_model(str(tmp_path), layer_parallel=span)
+        checkpoint.load_model(str(tmp_path), layer_parallel=[1, 2])
+    one, _ = checkpoint.load_model(str(tmp_path), layer_parallel=span)
     one.double().eval()
     torch.testing.assert_close(one(torch.tensor([PROMPT]))[0], paired(model, span)(torch.tensor([PROMPT]))[0],
                                rtol=1e-5, atol=1e-5)  # loading re-lays out the pair (float32 parameters)
     want_logits = one(torch.tensor([PROMPT]))[0].detach()
-    want_tokens = [generate.generate(one, PROMPT, 16, 'recompute', thres=t)['tokens'] for t in (None, 0.4)]
+    want_tokens = [decode.generate(one, PROMPT, 16, 'recompute', thres=t)['tokens'] for t in (None, 0.4)]
     spawn(_tp, tp, str(tmp_path), tp, span, want_logits, want_tokens)
 
 
@@ -138,17 +139,16 @@ def test_evaluate_sweep_matches_the_paired_models(tmp_path):
     prepare.main(['--input', str(tmp_path / 'c.txt'), '--out_dir', str(tmp_path / 'data')])
     model = GPT(GPTConfig(arch='llama', n_layer=4, n_head=4, n_embd=32, vocab_size=256, block_size=32,
                           exit_layers=(2,)), seed=3).double()
-    train.save_checkpoint(str(tmp_path / 'ckpt'), model, None, {'dataset': str(tmp_path / 'data')}, 0, 0.0)
+    checkpoint.save_checkpoint(str(tmp_path / 'ckpt'), model, None, {'dataset': str(tmp_path / 'data')}, 0, 0.0)
     rows = evaluate.main([f'--out_dir={tmp_path / "ckpt"}', '--sweep=pairs', '--device=cpu', '--dtype=float32',
                           '--eval_iters=2', '--batch_size=4'])
     assert [r['layer_parallel'] for r in rows] == [[], [0, 2], [2, 4], [0, 4]]  # [1, 3) would split exit 2
     assert [r['depth'] for r in rows] == [4, 3, 3, 2]
     data, _ = train.load_data(str(tmp_path / 'data'))
-    cfg = dict(eval_iters=2, batch_size=4, seed=evaluate.DEFAULTS['seed'], block_size=32, exit_layers=(2,),
-               device='cpu')
+    batches = train.Batches(data, 4, 32, seed=evaluate.DEFAULTS['seed'])
     for r in rows:
         want = paired(model, tuple(r['layer_parallel'])) if r['layer_parallel'] else model
-        loss, exits = train.evaluate(want, data, cfg, nullcontext(), splits=('val',))['val']
+        loss, *exits = train.evaluate(want, batches, 2, nullcontext(), splits=('val',))['val']
         assert r['loss'] == pytest.approx(loss, rel=1e-5) and r['exit_losses'] == pytest.approx(exits, rel=1e-5)
 
 

@@ -131,7 +131,7 @@ def test_kv_cache_decode_matches_full_forward(arch):
         torch.testing.assert_close(logits, full[:, a:b], atol=1e-5, rtol=1e-5)
         for x, y in zip(exits, full_exits):
             torch.testing.assert_close(x, y[:, a:b], atol=1e-5, rtol=1e-5)
-    model.clear_cache()
+    model.use_cache(None)
     torch.testing.assert_close(model(idx)[0], full)
 
 

@@ -15,10 +15,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+import checkpoint
 import train
 from model import GPT, GPTConfig
 from parallel import (LOCAL, ColumnLinear, GradSync, ParallelState, RowLinear, VocabEmbedding, all_gather,
                       cross_entropy, enter, full_tensor, take_shard)
+from pipeline import plan_microbatches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,6 +41,24 @@ def spawn(fn, world, *args):
 
 def close(a, b, tol=1e-9):
     torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def optimizer_for(model, cfg):
+    return train.make_optimizer(model, cfg['learning_rate'], cfg['weight_decay'], (cfg['beta1'], cfg['beta2']), 'cpu')
+
+
+def run_step(model, grads, data, cfg, it, scaler, ps, optimizer=None):
+    """train.py's step at step it from a training config dict, as its loop calls it: the
+    gradients (forward_backward), or with an optimizer one whole train_step."""
+    batches = train.Batches({'train': data}, cfg['batch_size'], cfg['block_size'], cfg['gradient_accumulation_steps'],
+                            cfg['seed'], 'cpu')
+    mbs = plan_microbatches(model.config, ps.pp, batches.accum // ps.dp, cfg['pp_layers'], cfg['fill_bubbles'],
+                            cfg['fill_warmup'], cfg['fill_cooldown'], cfg['backward_forward_ratio'])
+    w = train.exit_weights(it, cfg, len(model.config.exit_layers))
+    if optimizer is None:
+        return train.forward_backward(model, grads, batches, it, w, nullcontext(), scaler, ps, mbs=mbs)
+    return train.train_step(model, optimizer, grads, batches, it, train.get_lr(it, cfg), w, cfg['grad_clip'],
+                            nullcontext(), scaler, ps, mbs=mbs)
 
 
 # -- layers -------------------------------------------------------------------------
@@ -127,18 +147,16 @@ def _equivalence(tp, sp):
             close(full_tensor(p.detach(), p, ps), q.detach(), tol=0)  # layout-free initialisation
         models = [(ref, GradSync(ref.parameters(), LOCAL), LOCAL), (par, GradSync(par.parameters(), ps), ps)]
         # one step: loss and every gradient
-        (l_ref, _), (l_par, _) = [train.forward_backward(m, g, data, cfg, 0, nullcontext(), scaler, s)
-                                  for m, g, s in models]
+        l_ref, l_par = [run_step(m, g, data, cfg, 0, scaler, s) for m, g, s in models]
         close(l_par, l_ref)
         for (n, p), q in zip(par.named_parameters(), ref.parameters()):
             torch.testing.assert_close(full_tensor(p.grad, p, ps), q.grad, rtol=1e-9, atol=1e-9, msg=n)
         for _, g, _ in models:
             g.zero()
         # a few optimizer steps (clipping active): the same loss curve
-        opts = [train.make_optimizer(m, cfg, 'cpu') for m, _, _ in models]
+        opts = [optimizer_for(m, cfg) for m, _, _ in models]
         for it in range(3):
-            (a, *_), (b, *_) = [train.train_step(m, o, g, data, cfg, it, nullcontext(), scaler, s)
-                                for (m, g, s), o in zip(models, opts)]
+            (a, _), (b, _) = [run_step(m, g, data, cfg, it, scaler, s, o) for (m, g, s), o in zip(models, opts)]
             close(b, a)
 
 
@@ -163,18 +181,18 @@ def gathered_logits(model, idx, ps):
 
 def _load_and_save(src, dst, expect_file, out_file):
     ps = ParallelState(tp=2)
-    model, ckpt = train.load_model(src, ps)
+    model, ckpt = checkpoint.load_model(src, ps)
     idx = torch.arange(16).view(2, 8) % 37
     for a, b in zip(gathered_logits(model, idx, ps), torch.load(expect_file)):
         close(a, b, tol=1e-6)
-    opt = train.make_optimizer(model, train.DEFAULTS, 'cpu')
+    opt = train.make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 'cpu')
     ckpt.load_into(model, opt, ps)  # AdamW moments come along too
     for name, p in model.named_parameters():
         assert opt.state[p]['exp_avg'].abs().sum() > 0, name
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.5)  # something the reverse direction must see
-    train.save_checkpoint(dst, model, opt, {}, 5, 1.0, ps)
+    checkpoint.save_checkpoint(dst, model, opt, {}, 5, 1.0, ps)
     logits = gathered_logits(model, idx, ps)
     if ps.is_main:
         torch.save(logits, out_file)
@@ -184,11 +202,11 @@ def test_checkpoint_moves_between_layouts(tmp_path):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**CKPT_MODEL), seed=3)
     cfg = train_cfg(model.config)
-    opt = train.make_optimizer(model, cfg, 'cpu')
+    opt = optimizer_for(model, cfg)
     grads = GradSync(model.parameters(), LOCAL)
     data = np.random.default_rng(0).integers(0, 37, 1000).astype(np.uint16)
-    train.train_step(model, opt, grads, data, cfg, 0, nullcontext(), torch.amp.GradScaler('cpu', enabled=False))
-    train.save_checkpoint(str(tmp_path / 'one'), model, opt, cfg, 1, 2.0)
+    run_step(model, grads, data, cfg, 0, torch.amp.GradScaler('cpu', enabled=False), LOCAL, opt)
+    checkpoint.save_checkpoint(str(tmp_path / 'one'), model, opt, cfg, 1, 2.0)
     idx = torch.arange(16).view(2, 8) % 37
     torch.save(gathered_logits(model, idx, LOCAL), tmp_path / 'one.pt')
     spawn(_load_and_save, 4, str(tmp_path / 'one'), str(tmp_path / 'four'), str(tmp_path / 'one.pt'),
@@ -196,7 +214,7 @@ def test_checkpoint_moves_between_layouts(tmp_path):
     meta = json.loads((tmp_path / 'four' / 'ckpt' / 'meta.json').read_text())
     assert meta['layout'] == {'world': 4, 'dp': 2, 'pp': 1, 'tp': 2, 'sp': False}
     assert sorted(meta['file_bytes']) == ['shard-pp0-tp0.pt', 'shard-pp0-tp1.pt']
-    back, _ = train.load_model(str(tmp_path / 'four'))
+    back, _ = checkpoint.load_model(str(tmp_path / 'four'))
     for a, b in zip(gathered_logits(back, idx, LOCAL), torch.load(tmp_path / 'four.pt')):
         close(a, b, tol=1e-6)
 

@@ -2,7 +2,6 @@
 process on gloo: loss and every gradient, also with tp and dp, and with bubble filling
 against the objective pipeline.py documents, computed in one process."""
 
-from contextlib import nullcontext
 from dataclasses import asdict
 
 import numpy as np
@@ -12,9 +11,9 @@ import torch
 import train
 from model import GPT, GPTConfig
 from parallel import LOCAL, GradSync, ParallelState, full_tensor
-from pipeline import (bubble_fraction, draw, exit_stages, fill_counts, microbatches, schedule, simulate,
-                      stage_layers)
-from test_parallel import close, spawn
+from pipeline import (bubble_fraction, build_stage, draw, exit_stages, fill_counts, microbatches, plan_microbatches,
+                      schedule, simulate, stage_layers)
+from test_parallel import close, optimizer_for, run_step, spawn
 
 
 # -- schedules as data -------------------------------------------------------------------
@@ -109,7 +108,8 @@ def reference_grads(ref, data, cfg, ps_layout, it=0):
         x, y = train.get_batch(data, offsets[k * B:(k + 1) * B], T, 'cpu')
         total = total + train.weighted_loss(ref, x, y, w)[0] / accum
     layers = stage_layers(ref.config.n_layer, ps_layout.pp, cfg['pp_layers'])
-    mbs = train.pipeline_microbatches(cfg, ps_layout, accum // ps_layout.dp)
+    mbs = plan_microbatches(ref.config, ps_layout.pp, accum // ps_layout.dp, cfg['pp_layers'], cfg['fill_bubbles'],
+                            cfg['fill_warmup'], cfg['fill_cooldown'], cfg['backward_forward_ratio'])
     fills = [m for m in mbs if m.kind != 'regular']
     fill_off = train.batch_offsets(len(data), T, B * len(fills) * ps_layout.dp, cfg['seed'], it, 'fill')
     stage_of = exit_stages(ref.config, layers)
@@ -141,14 +141,13 @@ def _pipeline(tp, pp, fill, r=2.0, sp=False):
         cfg = cfg_for(mcfg, fill_bubbles=fill, backward_forward_ratio=r)
         data = np.random.default_rng(0).integers(0, mcfg.vocab_size, 4000).astype(np.uint16)
         ref = GPT(mcfg, seed=7).double()
-        par, _ = train.build_stage(mcfg, ps, None, 7)
+        par, _ = build_stage(mcfg, ps, None, 7)
         par.double()
         grads = GradSync(par.parameters(), ps)
         want = reference_grads(ref, data, cfg, ps)
-        loss, _ = train.forward_backward(par, grads, data, cfg, 0, nullcontext(), scaler, ps)
+        loss = run_step(par, grads, data, cfg, 0, scaler, ps)
         ref.zero_grad()
-        ref_loss, _ = train.forward_backward(ref, GradSync(ref.parameters(), LOCAL), data, cfg, 0, nullcontext(),
-                                             scaler, LOCAL)
+        ref_loss = run_step(ref, GradSync(ref.parameters(), LOCAL), data, cfg, 0, scaler, LOCAL)
         close(loss, ref_loss, tol=1e-6)  # the logged losses (float32 sums): regular microbatches only
         for name, p in par.logical_parameters():
             torch.testing.assert_close(full_tensor(p.grad, p, ps), want[name], rtol=1e-9, atol=1e-9, msg=name)
@@ -158,10 +157,9 @@ def _pipeline(tp, pp, fill, r=2.0, sp=False):
         ref_grads = GradSync(ref.parameters(), LOCAL)
         ref_grads.zero()
         models = [(ref, ref_grads, LOCAL), (par, grads, ps)]
-        opts = [train.make_optimizer(m, cfg, 'cpu') for m, _, _ in models]
+        opts = [optimizer_for(m, cfg) for m, _, _ in models]
         for it in range(3):  # the same loss curve, clipping by the global norm included
-            (a, *_), (b, *_) = [train.train_step(m, o, g, data, cfg, it, nullcontext(), scaler, s)
-                                for (m, g, s), o in zip(models, opts)]
+            (a, _), (b, _) = [run_step(m, g, data, cfg, it, scaler, s, o) for (m, g, s), o in zip(models, opts)]
             close(b, a)
 
 

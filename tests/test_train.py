@@ -7,7 +7,9 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 import train
+from configurator import configure
 from model import GPT, GPTConfig
 from parallel import LOCAL, clip_grad_norm_
 
@@ -19,9 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_configure_parses_values(tmp_path):
     cfg_file = tmp_path / 'c.py'
     cfg_file.write_text("import math\nn_layer = 3\nexit_layers = [1, 2]\nlearning_rate = 3\n")
-    cfg = train.configure(train.DEFAULTS, [str(cfg_file), '--exit_layers=[4,8]', '--min_lr=0', '--compile',
+    cfg = configure(train.DEFAULTS, [str(cfg_file), '--exit_layers=[4,8]', '--min_lr=0', '--compile',
                                            '--n_kv_head=2', '--out_dir=123', '--exit_weight=[0.5,1]',
-                                           '--init_from=resume', '--exit_weight_init=2'])
+                                           '--init_from=resume', '--exit_weight_init=2'], train.PER_EXIT_KEYS)
     assert cfg['n_layer'] == 3 and cfg['exit_layers'] == (4, 8)
     assert cfg['learning_rate'] == 3.0 and isinstance(cfg['learning_rate'], float)  # int for float
     assert cfg['min_lr'] == 0.0 and isinstance(cfg['min_lr'], float)
@@ -41,14 +43,14 @@ def test_configure_parses_values(tmp_path):
 ])
 def test_configure_errors(args, match):
     with pytest.raises(ValueError, match=match):
-        train.configure(train.DEFAULTS, args)
+        configure(train.DEFAULTS, args, train.PER_EXIT_KEYS)
 
 
 def test_configure_rejects_unknown_key_in_file(tmp_path):
     f = tmp_path / 'c.py'
     f.write_text('batchsize = 4\n')
     with pytest.raises(ValueError, match="'batchsize'; did you mean batch_size"):
-        train.configure(train.DEFAULTS, [str(f)])
+        configure(train.DEFAULTS, [str(f)], train.PER_EXIT_KEYS)
 
 
 # -- schedules ----------------------------------------------------------------
@@ -84,7 +86,7 @@ def test_weighted_loss_and_its_gradient():
     model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=16, vocab_size=40, block_size=8, exit_layers=(1, 2),
                           exit_untie=True))
     x, y = torch.randint(0, 40, (2, 8)), torch.randint(0, 40, (2, 8))
-    total, loss, exit_losses = train.weighted_loss(model, x, y, [0.25, 2.0])
+    total, _ = train.weighted_loss(model, x, y, [0.25, 2.0])
     total.backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -130,9 +132,9 @@ def test_activation_checkpointing_same_loss_and_grads():
         saved = []  # the tensors autograd keeps outside checkpointed blocks
         torch.manual_seed(1)
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            total, loss, exit_losses = train.weighted_loss(model, x, y, [0.5, 1.0])
+            total, losses = train.weighted_loss(model, x, y, [0.5, 1.0])
         total.backward()
-        return [total, loss, *exit_losses], {n: p.grad for n, p in model.named_parameters()}, len(saved)
+        return [total, *losses], {n: p.grad for n, p in model.named_parameters()}, len(saved)
 
     losses, grads, n_saved = run(False)
     ckpt_losses, ckpt_grads, ckpt_saved = run(True)
@@ -173,7 +175,7 @@ def run_cfg(dataset, out_dir, **kw):
                 n_embd=32, block_size=32, batch_size=8, exit_layers=(1, 2), exit_norm=True, eval_iters=2,
                 eval_interval=10, log_interval=1, max_iters=20, warmup_iters=2, learning_rate=3e-3)
     base.update(kw)
-    return train.configure(train.DEFAULTS, [f'--{k}={v}' for k, v in base.items()])
+    return configure(train.DEFAULTS, [f'--{k}={v}' for k, v in base.items()], train.PER_EXIT_KEYS)
 
 
 def read_log(out_dir):
@@ -225,9 +227,9 @@ def test_activation_checkpointing_same_curve(dataset, tmp_path):
 
 def test_checkpoint_errors(dataset, tmp_path):
     with pytest.raises(FileNotFoundError, match='no checkpoint'):
-        train.Checkpoint(str(tmp_path))
+        checkpoint.Checkpoint(str(tmp_path))
     trained = train.train(run_cfg(dataset, tmp_path, max_iters=2, eval_interval=2))
-    loaded, ckpt = train.load_model(str(tmp_path))
+    loaded, ckpt = checkpoint.load_model(str(tmp_path))
     assert ckpt.meta['iter_num'] == 2 and ckpt.meta['model_config']['exit_layers'] == [1, 2]
     for (n, a), b in zip(trained.named_parameters(), loaded.parameters()):
         assert torch.equal(a, b), n
@@ -235,7 +237,7 @@ def test_checkpoint_errors(dataset, tmp_path):
     path = tmp_path / 'ckpt' / 'shard-pp0-tp0.pt'
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(RuntimeError, match='truncated'):
-        train.Checkpoint(str(tmp_path))
+        checkpoint.Checkpoint(str(tmp_path))
 
 
 def test_cli_end_to_end(dataset, tmp_path):
