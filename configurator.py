@@ -26,11 +26,27 @@ def snapshot(namespace):
     return {k: v for k, v in namespace.items() if not k.startswith('_') and isinstance(v, VALUE_TYPES)}
 
 
-def coerce(key, value, default, per_item=()):
-    """Check value against the type of the key's default; an int is accepted for a float, and
-    a key in per_item may hold a number or a list (one per exit)."""
-    if default is None or value is None:
+def is_a(value, types):
+    """isinstance, except that a bool is no number and an int is accepted for a float."""
+    types = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, bool):
+        return bool in types
+    return isinstance(value, types) or (float in types and isinstance(value, int))
+
+
+def coerce(key, value, default, per_item=(), types=None):
+    """Check value against the type of the key's default (or types[key] where the default is
+    None); an int is accepted for a float, and a key in per_item may hold a number or a list
+    (one per exit)."""
+    if value is None:
         return value
+    if default is None:
+        want = (types or {}).get(key)
+        want = want if want is None or isinstance(want, tuple) else (want,)
+        if want is None or is_a(value, want) or (tuple in want and isinstance(value, list)):
+            return tuple(value) if isinstance(value, list) else value
+        names = ' or '.join(t.__name__ for t in want)
+        raise ValueError(f'--{key}={value!r}: expected {names} (or None)')
     if isinstance(default, bool) or isinstance(value, bool):
         ok = isinstance(default, bool) and isinstance(value, bool)
     elif isinstance(default, float) and isinstance(value, int):
@@ -51,10 +67,11 @@ def unknown(key, known):
     return ValueError(f'unknown config key {key!r}{hint}')
 
 
-def configure(defaults, args, per_item=()):
+def configure(defaults, args, per_item=(), types=None):
     """Overrides of defaults. args: config files (python, executed) and --key=value, applied in
     order; a bare --flag sets a boolean key to True. per_item: keys that take a number or a
-    list. Returns a new dict."""
+    list; types: {key: type or tuple of types} for the keys whose default is None. Returns a
+    new dict."""
     cfg = dict(defaults)
     for arg in args:
         if not arg.startswith('--'):
@@ -68,7 +85,7 @@ def configure(defaults, args, per_item=()):
                     if callable(v) or type(v).__name__ == 'module':
                         continue  # imports and helpers inside a config file
                     raise unknown(k, list(cfg))
-                cfg[k] = coerce(k, v, defaults[k], per_item)
+                cfg[k] = coerce(k, v, defaults[k], per_item, types)
             continue
         key, eq, raw = arg[2:].partition('=')
         if key not in cfg:
@@ -84,7 +101,17 @@ def configure(defaults, args, per_item=()):
                 value = ast.literal_eval(raw)
             except (ValueError, SyntaxError):
                 value = raw  # a bare word, e.g. --init_from=resume where the default is None
-        cfg[key] = coerce(key, value, defaults[key], per_item)
+        cfg[key] = coerce(key, value, defaults[key], per_item, types)
+    return cfg
+
+
+def check(cfg, rules):
+    """Range checks of a config: rules {key: (types, ok(value) -> bool, what is allowed)}, a
+    value of None passing. Raises a ValueError naming the key, its value and what is allowed."""
+    for key, (types, ok, allowed) in rules.items():
+        v = cfg.get(key)
+        if v is not None and not (is_a(v, types) and ok(v)):
+            raise ValueError(f'{key}={v!r} is not allowed: {key} must be {allowed}')
     return cfg
 
 

@@ -7,6 +7,9 @@ Pan et al. 2024, arXiv 2402.00518).
     python convert.py add_exits --src=CKPT_DIR --dst=CKPT_DIR --exit_layers=[8,16] [--exit_norm] [--exit_mlp]
                       [--exit_block] [--exit_pre] [--exit_untie] [--random_init]
 
+A --dst that is not empty is refused unless --overwrite=True; the result is written into a
+new folder beside it and renamed into place, so a failed conversion leaves --dst as it was.
+
 from_hf reads config.json and the weights (model.safetensors, sharded safetensors with an
 index, or pytorch_model.bin) one shard at a time and writes each as a shard of a
 layout-free nanoEE checkpoint under our names (peak memory: about one shard); a
@@ -19,11 +22,12 @@ import math
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 
 import torch
 from tqdm import tqdm
 
-from checkpoint import Checkpoint, commit_checkpoint, save_checkpoint, start_checkpoint
+from checkpoint import Checkpoint, commit_checkpoint, file_record, save_checkpoint, start_checkpoint
 from configurator import configure, run
 from model import GPT, GPTConfig
 
@@ -86,8 +90,10 @@ def hf_to_ours(arch, name, t, cfg):
         module, kind = rest.rsplit('.', 1)
         return [(f'blocks.{i}.{LLAMA_LAYER[module]}.{kind}', t)]
     name = name.removeprefix('transformer.')
-    if name == 'lm_head.weight' or name.endswith(('.attn.bias', '.attn.masked_bias')):
-        return []                                           # tied to wte / causal-mask buffers
+    if name == 'lm_head.weight':
+        return [] if cfg.tie_embeddings else [(name, t)]   # tied: it is wte
+    if name.endswith(('.attn.bias', '.attn.masked_bias')):
+        return []                                           # causal-mask buffers
     if name in GPT2:
         return [(GPT2[name], t)]
     _, i, rest = name.split('.', 2)                         # h.{i}.{module}.{weight|bias}
@@ -120,8 +126,36 @@ def hf_shards(src):
     return files, read
 
 
-def from_hf(src, dst):
-    c = json.load(open(os.path.join(src, 'config.json')))
+@contextmanager
+def written_into(dst, overwrite=False):
+    """A fresh folder beside dst to write into; when the block succeeds it takes dst's place
+    (dst must be absent or empty, unless overwrite), when it fails it is removed: dst is never
+    left half-written nor silently replaced."""
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise FileExistsError(f'--dst={dst} is a file; give a folder')
+    if os.path.isdir(dst) and os.listdir(dst) and not overwrite:
+        raise FileExistsError(f'--dst={dst} is not empty ({", ".join(sorted(os.listdir(dst))[:3])}, ...); give '
+                              'another folder, or --overwrite=True to replace it')
+    tmp, old = dst.rstrip('/') + '.writing', dst.rstrip('/') + '.replaced'
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(dst):
+        os.rename(dst, old)
+    os.rename(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def from_hf(src, dst, overwrite=False):
+    if not os.path.exists(os.path.join(src, 'config.json')):
+        raise FileNotFoundError(f'--src={src}: no config.json (a Hugging Face model folder has config.json and '
+                                'the weights)')
+    with open(os.path.join(src, 'config.json')) as f:
+        c = json.load(f)
     kind = (c.get('architectures') or [c.get('model_type')])[0]
     arch = {'LlamaForCausalLM': 'llama', 'llama': 'llama', 'GPT2LMHeadModel': 'gpt2', 'gpt2': 'gpt2'}.get(kind)
     if arch is None:
@@ -129,33 +163,37 @@ def from_hf(src, dst):
     cfg = (llama_config if arch == 'llama' else gpt2_config)(c)
     with torch.device('meta'):  # only for the names and shapes: nothing is allocated
         shapes = {n: tuple(p.shape) for n, p in GPT(cfg).logical_parameters()}
-    tmp, tensors, sizes = start_checkpoint(dst), {}, {}
-    files, read = hf_shards(src)
-    for k, f in enumerate(tqdm(files, desc='converting', unit='shard')):  # one shard in memory at a time
-        shard = {'param': {}, 'exp_avg': {}, 'exp_avg_sq': {}}
-        for name, t in read(f).items():
-            for ours, tensor in hf_to_ours(arch, name, t, cfg):
-                if ours not in shapes:
-                    raise ValueError(f'{src}: tensor {name} has no place in the model ({ours})')
-                if tuple(tensor.shape) != shapes[ours]:
-                    raise ValueError(f'{name}: shape {tuple(tensor.shape)}, the model wants {shapes[ours]}')
-                shard['param'][ours] = tensor.float().contiguous()
-                tensors[ours] = {'shape': list(shapes[ours]), 'dim': None, 'pieces': [[f'shard-hf{k}.pt', None, None]]}
-        torch.save(shard, os.path.join(tmp, f'shard-hf{k}.pt'))
-        sizes[f'shard-hf{k}.pt'] = os.path.getsize(os.path.join(tmp, f'shard-hf{k}.pt'))
-    missing = sorted(set(shapes) - set(tensors))
-    if missing:
-        raise ValueError(f'{src}: no weights for {missing[:5]}{" ..." if len(missing) > 5 else ""}')
-    tokenizer = 'gpt2' if arch == 'gpt2' else None
-    if os.path.exists(os.path.join(src, 'tokenizer.json')):  # the model's own tokenizer travels with it
-        shutil.copyfile(os.path.join(src, 'tokenizer.json'), os.path.join(dst, 'tokenizer.json'))
-        tokenizer = 'tokenizer.json'
-    commit_checkpoint(dst, cfg, tensors, sizes, {'source': os.path.abspath(src)},
-                      data={'tokenizer': tokenizer, 'vocab_size': cfg.vocab_size, 'eot_token': c.get('eos_token_id')})
+    with written_into(dst, overwrite) as out:
+        tmp, tensors, records = start_checkpoint(out), {}, {}
+        files, read = hf_shards(src)
+        for k, f in enumerate(tqdm(files, desc='converting', unit='shard')):  # one shard in memory at a time
+            shard = {'param': {}, 'exp_avg': {}, 'exp_avg_sq': {}}
+            for name, t in read(f).items():
+                for ours, tensor in hf_to_ours(arch, name, t, cfg):
+                    if ours not in shapes:
+                        raise ValueError(f'{src}: tensor {name} has no place in the model ({ours})')
+                    if tuple(tensor.shape) != shapes[ours]:
+                        raise ValueError(f'{name}: shape {tuple(tensor.shape)}, the model wants {shapes[ours]}')
+                    shard['param'][ours] = tensor.float().contiguous()
+                    tensors[ours] = {'shape': list(shapes[ours]), 'dim': None, 'pieces': [[f'shard-hf{k}.pt', None, None]]}
+            torch.save(shard, os.path.join(tmp, f'shard-hf{k}.pt'))
+            records[f'shard-hf{k}.pt'] = file_record(os.path.join(tmp, f'shard-hf{k}.pt'))
+        missing = sorted(set(shapes) - set(tensors))
+        if missing:
+            raise ValueError(f'{src}: no weights for {missing[:5]}{" ..." if len(missing) > 5 else ""}')
+        tokenizer = 'gpt2' if arch == 'gpt2' and cfg.vocab_size >= 50257 else None  # (GPT-2's BPE has 50,257 ids)
+        if os.path.exists(os.path.join(src, 'tokenizer.json')):  # the model's own tokenizer travels with it
+            shutil.copyfile(os.path.join(src, 'tokenizer.json'), os.path.join(out, 'tokenizer.json'))
+            tokenizer = 'tokenizer.json'
+        eot = c.get('eos_token_id')
+        eot = eot[0] if isinstance(eot, list) and eot else eot
+        eot = eot if isinstance(eot, int) and 0 <= eot < cfg.vocab_size else None  # (an id the model has)
+        commit_checkpoint(out, cfg, tensors, records, {'source': os.path.abspath(src)},
+                          data={'tokenizer': tokenizer, 'vocab_size': cfg.vocab_size, 'eot_token': eot})
     print(f'{src} -> {dst}: {arch}, {sum(math.prod(s) for s in shapes.values()) / 1e6:.1f}M parameters')
 
 
-def to_hf(src, dst, keep_exits=True):
+def to_hf(src, dst, keep_exits=True, overwrite=False):
     model, ckpt = load(src)
     cfg = model.config
     if cfg.exit_layers and keep_exits:
@@ -206,10 +244,10 @@ def to_hf(src, dst, keep_exits=True):
         if not cfg.tie_embeddings or not cfg.bias:
             raise ValueError('GPT-2 on the Hugging Face side has tied embeddings and biases')
     from safetensors.torch import save_file
-    os.makedirs(dst, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, os.path.join(dst, 'model.safetensors'))
-    with open(os.path.join(dst, 'config.json'), 'w') as f:
-        json.dump(hf, f, indent=1)
+    with written_into(dst, overwrite) as out:  # (a whole new folder: no old tokenizer or generation config)
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, os.path.join(out, 'model.safetensors'))
+        with open(os.path.join(out, 'config.json'), 'w') as f:
+            json.dump(hf, f, indent=1)
     print(f'{src} -> {dst}: {len(state)} tensors')
 
 
@@ -220,7 +258,7 @@ def load(src):
     return model, ckpt
 
 
-def add_exits(src, dst, exit_layers, random_init=False, seed=0, **exit_options):
+def add_exits(src, dst, exit_layers, random_init=False, seed=0, overwrite=False, **exit_options):
     """A copy of the checkpoint with exits. EE-Tuning's copy initialisation: the output matrix
     from the LM head, the norm from the final norm, the MLP (and its pre-norm) from the layer's
     own, the block from the last block; random_init: GPT-2-style random weights instead."""
@@ -243,8 +281,9 @@ def add_exits(src, dst, exit_layers, random_init=False, seed=0, **exit_options):
                 for mine, source in pairs:
                     if mine is not None:
                         mine.load_state_dict(source.state_dict())
-    save_checkpoint(dst, model, None, dict(ckpt.meta['train_config'], added_exits=list(exit_layers)), 0,
-                    float('inf'), data=ckpt.meta.get('data'))
+    with written_into(dst, overwrite) as out:
+        save_checkpoint(out, model, None, dict(ckpt.meta['train_config'] or {}, added_exits=list(exit_layers)), 0,
+                        float('inf'), data=ckpt.meta.get('data'))
     print(f'{src} -> {dst}: exits {list(exit_layers)} ({"random" if random_init else "copied"} init)')
     return model
 
@@ -254,15 +293,15 @@ def main(argv):
         sys.exit(__doc__)
     args = configure({'src': '', 'dst': '', 'keep_exits': True, 'exit_layers': (), 'exit_pre': False,
                       'exit_untie': False, 'exit_norm': False, 'exit_mlp': False, 'exit_block': False,
-                      'random_init': False, 'seed': 0}, argv[1:])
+                      'random_init': False, 'seed': 0, 'overwrite': False}, argv[1:])
     if not args['src'] or not args['dst']:
         sys.exit('give --src=... and --dst=...')
     if argv[0] == 'from_hf':
-        from_hf(args['src'], args['dst'])
+        from_hf(args['src'], args['dst'], args['overwrite'])
     elif argv[0] == 'to_hf':
-        to_hf(args['src'], args['dst'], args['keep_exits'])
+        to_hf(args['src'], args['dst'], args['keep_exits'], args['overwrite'])
     else:
-        add_exits(args['src'], args['dst'], args['exit_layers'], args['random_init'], args['seed'],
+        add_exits(args['src'], args['dst'], args['exit_layers'], args['random_init'], args['seed'], args['overwrite'],
                   **{k: args[k] for k in ('exit_pre', 'exit_untie', 'exit_norm', 'exit_mlp', 'exit_block')})
 
 

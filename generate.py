@@ -25,7 +25,7 @@ import sys
 import time
 
 from checkpoint import load_model, tokenizer
-from configurator import configure, run, snapshot
+from configurator import check, configure, run, snapshot
 from decode import Decoder, generate, generate_pipelined
 from parallel import ParallelState, init_distributed
 
@@ -54,9 +54,22 @@ layer_parallel = None           # [start, end): run these blocks in parallel pai
 graphs = True                   # on CUDA: replay each segment of blocks between exits as a CUDA graph
 compile = False                 # torch.compile each block and head first (slow to start, faster per token)
 serve = False                   # answer PUT /api (EE-LLM's request fields) instead of one prompt
+host = '127.0.0.1'              # the server's address ('0.0.0.0': every interface; it has no authentication)
 port = 5000
 # -----------------------------------------------------------------------------
 DEFAULTS = snapshot(globals())
+TYPES = dict(prompt_file=str, prompt_ids=tuple, top_k=int, top_p=float, early_exit_thres=float, exit_layers=tuple,
+             spec_exit=int, layer_parallel=tuple)
+# the ranges of the sampling keys, shared by the command line and the server (its field names)
+SAMPLING = {
+    'max_new_tokens': (int, lambda v: 1 <= v <= 1 << 20, 'an int >= 1'),
+    'temperature': (float, lambda v: 0 <= v <= 100, 'a number in 0..100 (0: greedy)'),
+    'top_k': (int, lambda v: v >= 1, 'an int >= 1'),
+    'top_p': (float, lambda v: 0 < v <= 1, 'a number in (0, 1]'),
+    'seed': (int, lambda v: 0 <= v < 2**63, 'an int in 0..2**63-1'),
+    'early_exit_thres': (float, lambda v: 0 <= v <= 1, 'a number in [0, 1] (a max probability)'),
+    'spec_k': (int, lambda v: 1 <= v <= 64, 'an int in 1..64 (tokens drafted per verification)'),
+}
 
 
 # -----------------------------------------------------------------------------
@@ -64,20 +77,28 @@ DEFAULTS = snapshot(globals())
 
 MAX_REQUEST_BYTES = 1 << 20
 MAX_PROMPTS = 16
+MAX_WAITING = 32  # requests waiting for the model at once; more get 503
+TIMEOUT_S = 30    # a connection that sends nothing for this long is closed
+flag = (bool, lambda v: True, 'true or false')
 FIELDS = {  # name: (types, check, what is allowed)
     'prompts': (list, lambda v: 0 < len(v) <= MAX_PROMPTS and all(isinstance(p, str) and p for p in v),
-                f'a list of 1..{MAX_PROMPTS} non-empty strings'),
+                f'a list of 1..{MAX_PROMPTS} non-empty strings (or one string)'),
     'tokens_to_generate': (int, lambda v: 0 <= v <= 4096, 'an int in 0..4096'),
-    'temperature': ((int, float), lambda v: 0 <= v <= 100, 'a number in 0..100 (0: greedy)'),
+    'temperature': SAMPLING['temperature'],
     'top_k': (int, lambda v: v >= 0, 'an int >= 0 (0: off)'),
-    'top_p': ((int, float), lambda v: 0 <= v <= 1, 'a number in 0..1 (0: off)'),
-    'random_seed': (int, lambda v: v >= 0, 'an int >= 0'),
-    'logprobs': (bool, lambda v: True, 'true or false'),
-    'use_early_exit': (bool, lambda v: True, 'true or false'),
-    'early_exit_thres': ((int, float), lambda v: 0 <= v, 'a number >= 0'),
+    'top_p': (float, lambda v: 0 <= v <= 1, 'a number in 0..1 (0: off)'),
+    'random_seed': SAMPLING['seed'],
+    'early_exit_thres': SAMPLING['early_exit_thres'],
     'exit_layers': (list, lambda v: all(isinstance(L, int) and not isinstance(L, bool) for L in v),
-                    "a list of the model's exit layers"),
-    'print_max_prob': (bool, lambda v: True, 'true or false'),
+                    "a list of the model's exit layers ([]: all)"),
+    'logprobs': flag, 'use_early_exit': flag, 'print_max_prob': flag,
+    'echo_prompts': flag,  # false: text and segments hold the generated part only
+    # EE-LLM's (Megatron's) other fields, accepted and ignored: no BOS in these tokenizers, no
+    # stop sequences, top-p decay, newline rule or request log
+    'add_BOS': flag, 'stop_sequences': (list, lambda v: all(isinstance(x, str) for x in v), 'a list of strings'),
+    'top_p_decay': (float, lambda v: 0 <= v <= 1, 'a number in 0..1'),
+    'top_p_bound': (float, lambda v: 0 <= v <= 1, 'a number in 0..1'),
+    'prevent_newline_after_colon': flag, 'no_log': flag,
 }
 
 
@@ -86,19 +107,26 @@ def api_request(model, encode, decode, body, eot=None, decoder=None):
     whose message names the field and what is allowed. decoder: the model's Decoder to reuse."""
     try:
         req = _json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        return 400, {'error': f'the body is not JSON: {e}'}
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        return 400, {'error': f'the body is not JSON: {type(e).__name__}: {str(e)[:200]}'}
     if not isinstance(req, dict):
         return 400, {'error': 'the body must be a JSON object'}
+    if isinstance(req.get('prompts'), str):
+        req['prompts'] = [req['prompts']]  # (EE-LLM takes one prompt as a bare string)
     unknown = sorted(set(req) - set(FIELDS))
     if unknown:
         return 400, {'error': f'unknown field(s) {unknown}; allowed: {sorted(FIELDS)}'}
     if 'prompts' not in req:
         return 400, {'error': 'prompts is required'}
-    for k, v in req.items():
-        types, ok, allowed = FIELDS[k]
-        if isinstance(v, bool) and types is not bool or not isinstance(v, types) or not ok(v):
-            return 400, {'error': f'{k}={_json.dumps(v)[:100]} is not allowed: {k} must be {allowed}'}
+    nulls = sorted(k for k, v in req.items() if v is None)
+    if nulls:
+        return 400, {'error': f'{nulls} are null; leave a field out for its default'}
+    try:
+        check(req, FIELDS)
+        for p in req['prompts']:
+            p.encode('utf-8')
+    except ValueError as e:  # (UnicodeEncodeError too: a lone surrogate)
+        return 400, {'error': str(e)[:300]}
     cfg = model.config
     bad = [L for L in req.get('exit_layers', []) if L not in cfg.exit_layers]
     if bad:
@@ -112,12 +140,13 @@ def api_request(model, encode, decode, body, eot=None, decoder=None):
                                   f'the model\'s block_size={cfg.block_size}'}
         top_k = req.get('top_k', 0)
         out = generate(model, ids, n, 'recompute', req.get('early_exit_thres', 1.0) if req.get('use_early_exit')
-                       else None, [cfg.exit_index(L) for L in req['exit_layers']] if 'exit_layers' in req else None,
+                       else None, [cfg.exit_index(L) for L in req['exit_layers']] if req.get('exit_layers') else None,
                        temperature=0.0 if top_k == 1 else req.get('temperature', 0.0), top_k=top_k or None,
                        top_p=req.get('top_p') or None, seed=req.get('random_seed'), stop=eot, decoder=decoder) if n else \
             {'tokens': [], 'logprobs': [], 'max_probs': []}
-        texts.append(decode(ids + out['tokens']))
-        segments.append([decode([t]) for t in ids + out['tokens']])
+        shown = ids + out['tokens'] if req.get('echo_prompts', True) else out['tokens']
+        texts.append(decode(shown))
+        segments.append([decode([t]) for t in shown])
         logprobs.append(out['logprobs'])
         max_probs.append([{str(d): p for d, p in probs.items()} for probs in out['max_probs']])
     resp = {'text': texts, 'segments': segments, 'logprobs': logprobs if req.get('logprobs') else None}
@@ -126,34 +155,58 @@ def api_request(model, encode, decode, body, eot=None, decoder=None):
     return 200, resp
 
 
-def make_server(model, encode, decode, port, eot=None, decoder=None):
-    """A one-request-at-a-time HTTP server (the model and its cache are not shared); one
-    decoder (its cache and CUDA graphs) serves every request."""
-    from http.server import BaseHTTPRequestHandler, HTTPServer
+def make_server(model, encode, decode, port, eot=None, decoder=None, host='127.0.0.1', timeout=TIMEOUT_S):
+    """The HTTP server: each connection is read on its own thread (a slow or idle client holds
+    only its own, and is dropped after `timeout` seconds of silence); the decoding itself runs
+    one request at a time under a lock, with at most MAX_WAITING requests waiting (503 past
+    that). One decoder (its cache and CUDA graphs) serves every request."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     decoder = decoder or Decoder(model)
+    lock, seats = threading.Lock(), threading.BoundedSemaphore(MAX_WAITING)
 
     class Handler(BaseHTTPRequestHandler):
         def do_PUT(self):
             if self.path != '/api':
                 return self.reply(404, {'error': f'no such path {self.path}; use PUT /api'})
-            size = int(self.headers.get('Content-Length') or 0)
-            if size > MAX_REQUEST_BYTES:
-                return self.reply(400, {'error': f'the request has {size} bytes; at most {MAX_REQUEST_BYTES}'})
+            size = self.headers.get('Content-Length')
+            if size is None or not size.isdigit() or int(size) > MAX_REQUEST_BYTES:
+                return self.reply(400, {'error': f'Content-Length={size!r}: give the body\'s size in bytes, '
+                                                 f'at most {MAX_REQUEST_BYTES}'}, close=True)
+            body = self.rfile.read(int(size))
+            if len(body) < int(size):
+                return self.reply(400, {'error': f'the body ended after {len(body)} of {size} bytes'}, close=True)
+            if not seats.acquire(blocking=False):
+                return self.reply(503, {'error': f'{MAX_WAITING} requests are already waiting; try again later'})
             try:
-                self.reply(*api_request(model, encode, decode, self.rfile.read(size), eot, decoder))
+                with lock:
+                    self.reply(*api_request(model, encode, decode, body, eot, decoder))
             except Exception as e:  # keep serving whatever one request does
                 self.reply(500, {'error': f'{type(e).__name__}: {e}'})
+            finally:
+                seats.release()
 
-        def reply(self, status, obj):
+        def reply(self, status, obj, close=False):
             data = _json.dumps(obj).encode()
             self.send_response(status)
             self.send_header('Content-Type', 'application/json')
             self.send_header('Content-Length', str(len(data)))
+            if close:
+                self.send_header('Connection', 'close')
+                self.close_connection = True
             self.end_headers()
             self.wfile.write(data)
 
-    server = HTTPServer(('', port), Handler)
-    print(f'serving PUT http://localhost:{server.server_port}/api')
+    Handler.timeout = timeout  # (socket timeout of every connection)
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads, request_queue_size = True, 128
+
+        def handle_error(self, request, client_address):  # a client that hung up or timed out: one line
+            print(f'{client_address[0]}:{client_address[1]}: connection dropped ({sys.exc_info()[1]!r})')
+
+    server = Server((host, port), Handler)
+    print(f'serving PUT http://{host}:{server.server_port}/api')
     return server
 
 
@@ -164,7 +217,10 @@ COLOURS = ['\033[41m', '\033[43m', '\033[42m', '\033[46m', '\033[44m', '\033[45m
 
 
 def main(args):
-    cfg = configure(DEFAULTS, args)
+    try:
+        cfg = check(configure(DEFAULTS, args, types=TYPES), SAMPLING)
+    except ValueError as e:
+        sys.exit(str(e))
     dev = init_distributed(cfg['device'])
     ps = ParallelState(cfg['tp'], cfg['pp'])
     if (ps.pp > 1) != (cfg['method'] == 'pipeline'):
@@ -174,7 +230,12 @@ def main(args):
     model.eval()
     say = print if ps.is_main else (lambda *a, **k: None)
     mc = model.config
-    encode, decode = tokenizer(ckpt.meta, cfg['out_dir'])
+    try:
+        encode, decode = tokenizer(ckpt.meta, cfg['out_dir'])
+    except Exception as e:  # (tiktoken's vocabulary offline, a missing tokenizers package)
+        if cfg['prompt_ids'] is None or cfg['serve']:
+            sys.exit(f'the tokenizer of {cfg["out_dir"]} does not load: {type(e).__name__}: {e}; give --prompt_ids')
+        encode = decode = None  # token ids in, token ids out
     if cfg['prompt_ids'] is not None:
         ids = list(cfg['prompt_ids'])
     else:
@@ -189,8 +250,8 @@ def main(args):
     decoder = Decoder(model, cfg['graphs'], cfg['compile'])
     if cfg['serve']:
         if encode is None or ps.world > 1:
-            sys.exit('serve needs a checkpoint with a tokenizer, in one process')
-        make_server(model, encode, decode, cfg['port'], eot, decoder).serve_forever()
+            sys.exit('serve needs a checkpoint that names a tokenizer (bytes, gpt2 or a tokenizer.json), in one process')
+        make_server(model, encode, decode, cfg['port'], eot, decoder, cfg['host']).serve_forever()
     try:
         allowed = None if cfg['exit_layers'] is None else [mc.exit_index(L) for L in cfg['exit_layers']]
         spec_exit = None if cfg['spec_exit'] is None else mc.exit_index(cfg['spec_exit'])

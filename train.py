@@ -14,8 +14,10 @@ over exit_weight_warmup_iters.
 import json
 import math
 import os
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, fields
 
 import numpy as np
@@ -23,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from checkpoint import Checkpoint, save_checkpoint
-from configurator import configure, run, snapshot
+from configurator import check, configure, run, snapshot
 from model import GPTConfig
 from parallel import LOCAL, GradSync, ParallelState, check_layout, clip_grad_norm_, init_distributed
 from pipeline import (build_stage, draw, microbatches, pipeline_eval, pipeline_forward_backward,
@@ -85,6 +87,27 @@ exit_layers = (2, 4)
 DEFAULTS = snapshot(globals())
 MODEL_KEYS = [f.name for f in fields(GPTConfig)]
 PER_EXIT_KEYS = ('exit_weight', 'exit_weight_init')  # a number, or a list with one per exit
+# the types of the keys whose default is None (the model's from GPTConfig's annotations)
+TYPES = dict({f.name: f.type for f in fields(GPTConfig)}, vocab_size=int, lr_decay_iters=int,
+             exit_weight_init=(int, float, tuple), fill_warmup=int, fill_cooldown=int, pp_layers=tuple)
+positive = lambda v: v >= 1
+RULES = {  # key: (types, check, what is allowed), checked before a run starts
+    **{k: (int, positive, 'an int >= 1') for k in ('batch_size', 'block_size', 'gradient_accumulation_steps',
+                                                     'eval_interval', 'eval_iters', 'log_interval', 'tp', 'pp')},
+    'max_iters': (int, lambda v: v >= 0, 'an int >= 0'),
+    'lr_decay_iters': (int, positive, 'an int >= 1 (or None: max_iters)'),
+    **{k: (float, lambda v: 0 <= v < math.inf, 'a number >= 0') for k in (
+        'learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'backward_forward_ratio')},
+    **{k: (float, lambda v: 0 <= v < 1, 'a number in [0, 1)') for k in ('beta1', 'beta2', 'dropout')},
+    **{k: (int, lambda v: v >= 0, 'an int >= 0') for k in ('warmup_iters', 'exit_weight_warmup_iters', 'fill_warmup',
+                                                             'fill_cooldown')},
+    'dtype': (str, lambda v: v in DTYPES, "'float32', 'bfloat16' or 'float16'"),
+}
+
+
+def config(args, defaults=None):
+    """train.py's keys (or defaults, a script's that extends them) overridden by args, checked."""
+    return check(configure(defaults or DEFAULTS, args, PER_EXIT_KEYS, TYPES), RULES)
 
 
 # -----------------------------------------------------------------------------
@@ -141,11 +164,32 @@ def load_data(name):
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f'dataset {name!r}: no {meta_path}; prepare it first, '
                                 f'e.g. python data/{name}/prepare.py')
-    with open(meta_path) as f:
-        meta = json.load(f)
-    data = {s: np.memmap(os.path.join(folder, f'{s}.bin'), dtype=meta['dtype'], mode='r')
-            for s in ('train', 'val')}
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        np.dtype(meta['dtype']), int(meta['vocab_size'])
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f'dataset {name!r}: {meta_path} is not a dataset meta.json (a JSON object with '
+                         f'dtype and vocab_size): {type(e).__name__}: {e}') from None
+    data = {}
+    for s in ('train', 'val'):
+        path = os.path.join(folder, f'{s}.bin')
+        if not os.path.exists(path) or os.path.getsize(path) == 0:
+            raise FileNotFoundError(f'dataset {name!r}: {path} is missing or empty; prepare the dataset again')
+        data[s] = np.memmap(path, dtype=meta['dtype'], mode='r')
     return data, meta
+
+
+def check_data(data, name, block_size, vocab_size):
+    """Each split must hold more than block_size + 1 tokens, all ids below vocab_size."""
+    for s, d in data.items():
+        if len(d) <= block_size + 1:
+            raise ValueError(f'block_size={block_size}: dataset {name!r} split {s!r} has only {len(d):,} tokens; '
+                             f'allowed: block_size < {len(d) - 1}')
+        top = int(d.max())
+        if top >= vocab_size:
+            raise ValueError(f'dataset {name!r} split {s!r} holds token id {top}, outside the model\'s '
+                             f'vocab_size={vocab_size}')
 
 
 def batch_offsets(n_tokens, block_size, n_seqs, seed, step, split):
@@ -315,6 +359,30 @@ def fmt_losses(xs):
     return '[' + ' '.join(f'{x:.4f}' for x in xs) + ']'
 
 
+def finite(it, what, values, out_dir):
+    """Stop a diverged run before anything is saved: the last good checkpoint stays."""
+    if not all(math.isfinite(v) for v in values):
+        raise FloatingPointError(f'step {it}: the {what} are not finite ({fmt_losses(values)}): the run diverged; '
+                                 f'the last good checkpoint in {out_dir} is kept (try a lower learning_rate, '
+                                 'a grad_clip, or bfloat16 instead of float16)')
+
+
+@contextmanager
+def interrupt_after():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block is done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    old = signal.signal(signal.SIGINT, lambda *_: held.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if held:
+        raise KeyboardInterrupt
+
+
 # -----------------------------------------------------------------------------
 
 def train(cfg):
@@ -340,6 +408,7 @@ def train(cfg):
         raise ValueError(f"init_from={cfg['init_from']!r}; allowed: 'scratch', 'resume'")
     if gptconf.vocab_size < data_meta['vocab_size']:
         raise ValueError(f"vocab_size={gptconf.vocab_size} < the dataset's {data_meta['vocab_size']}")
+    check_data(data, cfg['dataset'], cfg['block_size'], gptconf.vocab_size)
     world = int(os.environ.get('WORLD_SIZE', '1'))
     check_layout(world, cfg['tp'], cfg['pp'], cfg['sp'], gptconf)  # every rank fails alike, before any collective
     ps = ParallelState(cfg['tp'], cfg['pp'], cfg['sp'])
@@ -357,7 +426,7 @@ def train(cfg):
     optimizer = make_optimizer(model, cfg['learning_rate'], cfg['weight_decay'], (cfg['beta1'], cfg['beta2']),
                                device_type)
     if cfg['init_from'] == 'resume':
-        ckpt.load_into(model, optimizer, ps)
+        ckpt.load_into(model, optimizer, ps, rng=True)
         if ps.is_main:
             print(f"resumed from {cfg['out_dir']} at step {iter_num} (saved as {ckpt.meta['layout']})")
     grads = GradSync(model.parameters(), ps)
@@ -385,6 +454,7 @@ def train(cfg):
             if it % cfg['eval_interval'] == 0 or it == cfg['max_iters']:
                 ev = evaluate(fwd, batches, cfg['eval_iters'], ctx, ps)
                 (tl, *tex), (vl, *vex) = ev['train'], ev['val']
+                finite(it, 'train and val losses', ev['train'] + ev['val'], cfg['out_dir'])
                 if main:
                     print(f'step {it}: train loss {tl:.4f} exits {fmt_losses(tex)}, '
                           f'val loss {vl:.4f} exits {fmt_losses(vex)}')
@@ -396,23 +466,25 @@ def train(cfg):
             if it >= cfg['max_iters']:
                 break
             lr, w = get_lr(it, cfg), exit_weights(it, cfg, len(gptconf.exit_layers))
-            losses, gnorm = train_step(fwd, optimizer, grads, batches, it, lr, w, cfg['grad_clip'], ctx, scaler, ps,
-                                       mbs=mbs)
-            steps += 1
-            if it % cfg['log_interval'] == 0:
+            with interrupt_after():  # a Ctrl-C lands after the step and its number, never between
+                losses, gnorm = train_step(fwd, optimizer, grads, batches, it, lr, w, cfg['grad_clip'], ctx, scaler,
+                                           ps, mbs=mbs)
+                it += 1
+            steps, last = steps + 1, it - 1
+            if last % cfg['log_interval'] == 0:
                 vals = losses.tolist()  # the one host sync of a logged step
+                finite(last, 'losses', vals, cfg['out_dir'])
                 dt = (time.time() - t0) / steps
                 tok_s, mfu = tokens_per_step / dt, (flops_per_step / dt / (peak * ps.world) if peak else None)
                 mem = torch.cuda.max_memory_allocated(device) / 2**30 if device_type == 'cuda' else None
                 if main:
-                    print(f"iter {it}: loss {vals[0]:.4f} exits {fmt_losses(vals[1:])} lr {lr:.2e} "
+                    print(f"iter {last}: loss {vals[0]:.4f} exits {fmt_losses(vals[1:])} lr {lr:.2e} "
                           f"{dt * 1000:.1f} ms {tok_s:,.0f} tok/s" + (f' mfu {mfu * 100:.1f}%' if mfu else '')
                           + (f' mem {mem:.2f} GiB' if mem else ''))
-                record({'iter': it, 'loss': vals[0], 'exit_losses': vals[1:], 'lr': lr, 'exit_weights': w,
+                record({'iter': last, 'loss': vals[0], 'exit_losses': vals[1:], 'lr': lr, 'exit_weights': w,
                         'grad_norm': None if gnorm is None else gnorm.item(),
                         'ms': dt * 1000, 'tok_s': tok_s, 'mfu': mfu, 'mem_gib': mem})
                 t0, steps = time.time(), 0
-            it += 1
     except KeyboardInterrupt:
         if ps.world == 1:  # a collective save could hang if only some ranks were interrupted
             print(f"interrupted: saving step {it} to {cfg['out_dir']}")
@@ -425,7 +497,7 @@ def train(cfg):
 
 
 def main(args):
-    return train(configure(DEFAULTS, args, PER_EXIT_KEYS))
+    return train(config(args))
 
 
 if __name__ == '__main__':

@@ -31,8 +31,8 @@ import time
 import torch
 
 import train
-from checkpoint import Checkpoint, save_checkpoint
-from configurator import configure, run
+from checkpoint import Checkpoint, file_record, save_checkpoint
+from configurator import run
 from model import GPT, GPTConfig
 from parallel import GradSync, ParallelState, init_distributed
 from pipeline import stage_forward, stage_layers
@@ -77,7 +77,8 @@ def save_tuned(out_dir, src, model, optimizer, cfg, it, data, ps):
     missing = {n: e for n, e in src.meta['tensors'].items() if n not in meta['tensors']}
     for fname in sorted({piece[0] for e in missing.values() for piece in e['pieces']}):
         shutil.copyfile(os.path.join(src.path, fname), os.path.join(path, 'base-' + fname))
-        meta['file_bytes']['base-' + fname] = os.path.getsize(os.path.join(path, 'base-' + fname))
+        meta['file_bytes']['base-' + fname], meta['file_crc32']['base-' + fname] = \
+            file_record(os.path.join(path, 'base-' + fname))
     for n, e in missing.items():
         meta['tensors'][n] = dict(e, pieces=[['base-' + p[0], p[1], p[2]] for p in e['pieces']])
     tmp = os.path.join(path, 'meta.json.tmp')
@@ -168,7 +169,7 @@ def tune(cfg):
 
 
 def main(args):
-    return tune(configure(DEFAULTS, args, train.PER_EXIT_KEYS))
+    return tune(train.config(args, DEFAULTS))
 
 
 if __name__ == '__main__':

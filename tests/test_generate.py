@@ -163,7 +163,7 @@ def test_server_round_trip_and_bad_requests(tmp_path):
     want = generate_ids(model, encode('def f('), 6, 'recompute', 0.5)['tokens']
     assert resp['text'][0] == decode(encode('def f(') + want)  # the same tokens as the library call
     for body, field in [(b'{not json', 'not JSON'), ({'tokens_to_generate': 3}, 'prompts is required'),
-                        ({'prompts': 'abc'}, 'prompts='), ({'prompts': ['a'], 'temperature': -1}, 'temperature='),
+                        ({'prompts': 5}, 'prompts='), ({'prompts': ['a'], 'temperature': -1}, 'temperature='),
                         ({'prompts': ['a'], 'tokens_to_generate': 'ten'}, 'tokens_to_generate='),
                         ({'prompts': ['a'], 'top_p': 2}, 'top_p='), ({'prompts': ['a'], 'exit_layers': [3]}, 'exit_layers'),
                         ({'prompts': ['a'], 'logprobs': 1}, 'logprobs='), ({'prompts': ['a'], 'colour': 1}, 'unknown'),

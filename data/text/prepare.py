@@ -38,8 +38,13 @@ def main(argv=None):
     p.add_argument('--tokenizer', default='bytes', choices=['bytes', 'gpt2'])
     p.add_argument('--out_dir', default=os.path.dirname(os.path.abspath(__file__)))
     args = p.parse_args(argv)
-    with open(args.input, encoding='utf-8') as f:
-        text = f.read()
+    if not os.path.isfile(args.input):
+        sys.exit(f'--input={args.input}: no such file' + (' (it is a folder)' if os.path.isdir(args.input) else ''))
+    try:
+        with open(args.input, encoding='utf-8') as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        sys.exit(f'--input={args.input} is not UTF-8 text (byte {e.start}: {e.reason}); give a text file')
     ids, meta = encode(text, args.tokenizer)
     n_val = len(ids) // 10
     if n_val < 2:
