@@ -39,10 +39,11 @@ import time
 import numpy as np
 import torch
 
+import corpus
 import train
 from configurator import configure, run, snapshot
 from decode import Decoder, capture, compile_decode, full_vocab
-from model import GPT, GPTConfig
+from model import DTYPES, GPT, GPTConfig
 from parallel import GradSync, ParallelState, init_distributed
 from pipeline import build_stage, plan_microbatches
 
@@ -137,7 +138,7 @@ def forced_exits(dec, rate):
 
 def decode(cfg_b, ps, dev):
     cuda = dev.startswith('cuda')
-    dtype = train.DTYPES[cfg_b['dtype']]
+    dtype = DTYPES[cfg_b['dtype']]
     bw = copy_bandwidth(dev) if cuda else None
     P, N = cfg_b['prompt_len'], cfg_b['new_tokens']
     results = []
@@ -222,7 +223,7 @@ def training(cfg_b, ps, dev):
     peak = train.peak_flops(dev)
     results, it = [], 0
     for m in cfg_b['accum']:
-        batches = train.Batches({'train': data}, cfg_b['batch_size'], mcfg.block_size, m * ps.dp, device=dev)
+        batches = corpus.Batches({'train': data}, cfg_b['batch_size'], mcfg.block_size, m * ps.dp, device=dev)
         mbs = plan_microbatches(mcfg, ps.pp, m, fill_bubbles=cfg_b['fill_bubbles'])
         times = []
         for i in range(cfg_b['warmup'] + cfg_b['steps']):

@@ -23,8 +23,8 @@ head it leaves at), greedy agreement with the full model on `prompts` val window
 exact match on `lines` function-body lines of the val text, and batch-1 decoding speed:
 tokens/s, speedup over full, tokens per exit, layer-count speedup. It names the fastest
 threshold within 1% of the full model's perplexity and writes <report>.csv, .json, .png
-(with matplotlib) and .exits.txt (which tokens left early). Generation runs in the checkpoint's float32 as
-generate.py does; `dtype` applies to the val loss.
+(with matplotlib) and .exits.txt (which tokens left early). Everything runs in `dtype`
+(bfloat16 on CUDA, float32 on CPU by default), decoding as generate.py's does.
 """
 
 import csv
@@ -41,8 +41,10 @@ import torch.nn.functional as F
 from checkpoint import Checkpoint, load_model, tokenizer
 from configurator import configure, run, snapshot
 from decode import Decoder, full_vocab, generate
+from model import DTYPES
 from parallel import ParallelState, init_distributed
-from train import Batches, autocast, evaluate, load_data
+from corpus import Batches, load_data
+from train import autocast, evaluate
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-pystdlib'
@@ -265,7 +267,7 @@ def check_frontier(cfg, mc):
 def frontier(cfg, ps, dev, data, data_meta, ctx):
     """--sweep=thresholds: rows for the full model, each threshold and each drafting exit."""
     model, ckpt = load_model(cfg['out_dir'], ps, dev, layer_parallel=cfg['layer_parallel'])
-    model.eval()
+    model.to(DTYPES[cfg['dtype']]).eval()  # (decoding runs in dtype, as generate.py's does)
     mc, n, t0 = model.config, cfg['gen_tokens'], time.time()
     ths, spec, plen = check_frontier(cfg, mc)
     batches = Batches(data, cfg['batch_size'], mc.block_size, seed=cfg['seed'], device=dev)

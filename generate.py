@@ -27,11 +27,13 @@ import time
 from checkpoint import load_model, tokenizer
 from configurator import check, configure, run, snapshot
 from decode import Decoder, generate, generate_pipelined
+from model import DTYPES
 from parallel import ParallelState, init_distributed
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-pystdlib'
 device = 'cpu'
+dtype = None                    # decode in 'float32', 'bfloat16' or 'float16'; None: bfloat16 on CUDA, else float32
 prompt = '\n'
 prompt_file = None
 prompt_ids = None               # a list of token ids, for checkpoints without a tokenizer
@@ -58,7 +60,7 @@ host = '127.0.0.1'              # the server's address ('0.0.0.0': every interfa
 port = 5000
 # -----------------------------------------------------------------------------
 DEFAULTS = snapshot(globals())
-TYPES = dict(prompt_file=str, prompt_ids=tuple, top_k=int, top_p=float, early_exit_thres=float, exit_layers=tuple,
+TYPES = dict(dtype=str, prompt_file=str, prompt_ids=tuple, top_k=int, top_p=float, early_exit_thres=float, exit_layers=tuple,
              spec_exit=int, layer_parallel=tuple)
 # the ranges of the sampling keys, shared by the command line and the server (its field names)
 SAMPLING = {
@@ -69,6 +71,7 @@ SAMPLING = {
     'seed': (int, lambda v: 0 <= v < 2**63, 'an int in 0..2**63-1'),
     'early_exit_thres': (float, lambda v: 0 <= v <= 1, 'a number in [0, 1] (a max probability)'),
     'spec_k': (int, lambda v: 1 <= v <= 64, 'an int in 1..64 (tokens drafted per verification)'),
+    'dtype': (str, lambda v: v in DTYPES, "'float32', 'bfloat16' or 'float16'"),
 }
 
 
@@ -227,7 +230,7 @@ def main(args):
         sys.exit(f"method=pipeline runs with pp > 1 (under torchrun) and pp > 1 only with it; got "
                  f"method={cfg['method']!r}, pp={ps.pp}")
     model, ckpt = load_model(cfg['out_dir'], ps, dev, layer_parallel=cfg['layer_parallel'])
-    model.eval()
+    model.to(DTYPES[cfg['dtype'] or ('bfloat16' if dev.startswith('cuda') else 'float32')]).eval()
     say = print if ps.is_main else (lambda *a, **k: None)
     mc = model.config
     try:

@@ -28,6 +28,9 @@ from parallel import (LOCAL, ColumnLinear, RowLinear, VocabEmbedding, check_layo
                       logical_shape, mark_splits, seq_shard, take_shard)
 
 
+# the precisions a run may name ('dtype' keys): training autocasts to them, decoding casts the weights
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
 # one exit, three numbers: its index (exit_layers order, as in GPT.exits['0']), its EE-LLM layer
 # number (1-based, as in exit_layers) and its depth (the blocks that run before it; the exit
 # reads the output of block depth-1)

@@ -30,6 +30,7 @@ import time
 
 import torch
 
+import corpus
 import train
 from checkpoint import Checkpoint, file_record, save_checkpoint
 from configurator import run
@@ -103,7 +104,7 @@ def tune(cfg):
     if not (mcfg.exit_layers or span):
         raise ValueError(f"{cfg['init_from']} has no exits; add them with convert.py add_exits "
                          '(or give layer_parallel to fine-tune layer pairs)')
-    data, data_meta = train.load_data(cfg['dataset'])
+    data, data_meta = corpus.load_data(cfg['dataset'])
     if cfg['sp']:
         raise ValueError('sp: tune.py runs without sequence parallelism')
     ps = ParallelState(cfg['tp'], cfg['pp'])
@@ -132,7 +133,7 @@ def tune(cfg):
                                      device_type)
     grads = GradSync(model.parameters(), ps)
     B, T, accum = cfg['batch_size'], mcfg.block_size, cfg['gradient_accumulation_steps']
-    batches = train.Batches(data, B, T, accum, cfg['seed'], device)
+    batches = corpus.Batches(data, B, T, accum, cfg['seed'], device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say = print if ps.is_main else (lambda *a, **k: None)
     say(f"tuning {trainable / 1e6:.3f}M {what}, {str(ps).split(' rank')[0]}, {cfg['dtype']}")

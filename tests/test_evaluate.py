@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import corpus
 import checkpoint
 import evaluate
 import train
@@ -59,9 +60,9 @@ def test_val_losses_match_train_evaluate_and_a_loop(sweep):
     d, result = sweep
     rows = {r['name']: r for r in result['rows']}
     model, _ = checkpoint.load_model(str(d / 'ckpt'))
-    data, _ = train.load_data(str(d / 'data'))
+    data, _ = corpus.load_data(str(d / 'data'))
     cfg = dict(seed=evaluate.DEFAULTS['seed'])
-    batches = train.Batches(data, 4, 64, seed=cfg['seed'])
+    batches = corpus.Batches(data, 4, 64, seed=cfg['seed'])
     final, *exits = train.evaluate(model, batches, 2, train.autocast('cpu', 'float32'), splits=('val',))['val']
     assert rows['full']['val_loss'] == pytest.approx(final, rel=1e-5)
     assert rows['0.00']['val_loss'] == pytest.approx(exits[0], rel=1e-5)  # max prob >= 0: exit 1 always fires
@@ -69,8 +70,8 @@ def test_val_losses_match_train_evaluate_and_a_loop(sweep):
     losses, picked = [], set()
     with torch.no_grad():
         for k in range(2):
-            offs = train.batch_offsets(len(data['val']), 64, 4, cfg['seed'], -1 - k, 'val')
-            x, y = train.get_batch(data['val'], offs, 64, 'cpu')
+            offs = corpus.batch_offsets(len(data['val']), 64, 4, cfg['seed'], -1 - k, 'val')
+            x, y = corpus.get_batch(data['val'], offs, 64, 'cpu')
             logits, exit_logits = model(x, exits=True)
             heads = exit_logits + [logits]
             for b in range(4):

@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 import torch
 
+import corpus
 import checkpoint
 import decode
 import train
@@ -144,8 +145,8 @@ def test_evaluate_sweep_matches_the_paired_models(tmp_path):
                           '--eval_iters=2', '--batch_size=4'])
     assert [r['layer_parallel'] for r in rows] == [[], [0, 2], [2, 4], [0, 4]]  # [1, 3) would split exit 2
     assert [r['depth'] for r in rows] == [4, 3, 3, 2]
-    data, _ = train.load_data(str(tmp_path / 'data'))
-    batches = train.Batches(data, 4, 32, seed=evaluate.DEFAULTS['seed'])
+    data, _ = corpus.load_data(str(tmp_path / 'data'))
+    batches = corpus.Batches(data, 4, 32, seed=evaluate.DEFAULTS['seed'])
     for r in rows:
         want = paired(model, tuple(r['layer_parallel'])) if r['layer_parallel'] else model
         loss, *exits = train.evaluate(want, batches, 2, nullcontext(), splits=('val',))['val']

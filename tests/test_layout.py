@@ -6,7 +6,7 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIBRARIES = ['parallel', 'model', 'pipeline', 'checkpoint', 'configurator', 'decode']
+LIBRARIES = ['parallel', 'model', 'pipeline', 'checkpoint', 'configurator', 'decode', 'corpus']
 SCRIPTS = ['train', 'generate', 'tune', 'evaluate', 'bench', 'convert']
 
 

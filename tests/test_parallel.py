@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+import corpus
 import checkpoint
 import train
 from model import GPT, GPTConfig
@@ -50,7 +51,7 @@ def optimizer_for(model, cfg):
 def run_step(model, grads, data, cfg, it, scaler, ps, optimizer=None):
     """train.py's step at step it from a training config dict, as its loop calls it: the
     gradients (forward_backward), or with an optimizer one whole train_step."""
-    batches = train.Batches({'train': data}, cfg['batch_size'], cfg['block_size'], cfg['gradient_accumulation_steps'],
+    batches = corpus.Batches({'train': data}, cfg['batch_size'], cfg['block_size'], cfg['gradient_accumulation_steps'],
                             cfg['seed'], 'cpu')
     mbs = plan_microbatches(model.config, ps.pp, batches.accum // ps.dp, cfg['pp_layers'], cfg['fill_bubbles'],
                             cfg['fill_warmup'], cfg['fill_cooldown'], cfg['backward_forward_ratio'])

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import corpus
 import train
 from model import GPT, GPTConfig
 from parallel import LOCAL, GradSync, ParallelState, full_tensor
@@ -102,20 +103,20 @@ def reference_grads(ref, data, cfg, ps_layout, it=0):
     each bubble-filling microbatch's exit (and final) losses over the stages it reaches."""
     B, T, accum = cfg['batch_size'], cfg['block_size'], cfg['gradient_accumulation_steps']
     w = train.exit_weights(it, cfg, len(cfg['exit_layers']))
-    offsets = train.batch_offsets(len(data), T, B * accum, cfg['seed'], it, 'train')
+    offsets = corpus.batch_offsets(len(data), T, B * accum, cfg['seed'], it, 'train')
     total = 0.0
     for k in range(accum):
-        x, y = train.get_batch(data, offsets[k * B:(k + 1) * B], T, 'cpu')
+        x, y = corpus.get_batch(data, offsets[k * B:(k + 1) * B], T, 'cpu')
         total = total + train.weighted_loss(ref, x, y, w)[0] / accum
     layers = stage_layers(ref.config.n_layer, ps_layout.pp, cfg['pp_layers'])
     mbs = plan_microbatches(ref.config, ps_layout.pp, accum // ps_layout.dp, cfg['pp_layers'], cfg['fill_bubbles'],
                             cfg['fill_warmup'], cfg['fill_cooldown'], cfg['backward_forward_ratio'])
     fills = [m for m in mbs if m.kind != 'regular']
-    fill_off = train.batch_offsets(len(data), T, B * len(fills) * ps_layout.dp, cfg['seed'], it, 'fill')
+    fill_off = corpus.batch_offsets(len(data), T, B * len(fills) * ps_layout.dp, cfg['seed'], it, 'fill')
     stage_of = exit_stages(ref.config, layers)
     for d in range(ps_layout.dp):
         for i, m in enumerate(fills):
-            x, y = train.get_batch(data, fill_off[(d * len(fills) + i) * B:][:B], T, 'cpu')
+            x, y = corpus.get_batch(data, fill_off[(d * len(fills) + i) * B:][:B], T, 'cpu')
             h, pos = ref.embed(x)
             rope = ref.rope(pos)
             for b, block in ref.blocks.items():

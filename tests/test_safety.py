@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+import corpus
 import checkpoint
 import convert
 import generate
@@ -237,7 +238,7 @@ def test_train_refuses_data_that_does_not_fit(dataset, tmp_path):  # noqa: F811
         train.train(run_cfg(str(tmp_path / 'd'), tmp_path))
     (tmp_path / 'd' / 'meta.json').write_text('{"dtype": "uint8"}')
     with pytest.raises(ValueError, match='meta.json is not a dataset meta.json.*vocab_size'):
-        train.load_data(str(tmp_path / 'd'))
+        corpus.load_data(str(tmp_path / 'd'))
 
 
 @pytest.mark.parametrize('arg, name', [('--temperature=-1', 'temperature'), ('--max_new_tokens=0', 'max_new_tokens'),
@@ -340,3 +341,14 @@ def test_ee_llm_request_client_body(server):
     status, resp = put(srv.server_port, dict(body, prompts='def main(', exit_layers=[], echo_prompts=True,
                                              add_BOS=False, stop_sequences=[], no_log=True))
     assert status == 200 and resp['text'][0] == decode(encode('def main(') + want)  # [] is every exit
+
+
+def test_prepare_names_a_bad_input(tmp_path):
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data', 'text'))
+    import prepare
+    (tmp_path / 'bin').write_bytes(b'\xff\xfe\x00binary')
+    for path, says in ((tmp_path / 'bin', 'is not UTF-8 text'), (tmp_path, 'it is a folder'),
+                       (tmp_path / 'none.txt', 'no such file')):
+        with pytest.raises(SystemExit, match=says):
+            prepare.main(['--input', str(path), '--out_dir', str(tmp_path / 'out')])

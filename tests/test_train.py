@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import corpus
 import checkpoint
 import train
 from configurator import configure
@@ -149,10 +150,10 @@ def test_activation_checkpointing_same_loss_and_grads():
 
 
 def test_batches_depend_only_on_seed_and_step():
-    a = train.batch_offsets(10_000, 32, 8, seed=1, step=5, split='train')
-    assert torch.equal(a, train.batch_offsets(10_000, 32, 8, seed=1, step=5, split='train'))
-    assert not torch.equal(a, train.batch_offsets(10_000, 32, 8, seed=1, step=6, split='train'))
-    assert not torch.equal(a, train.batch_offsets(10_000, 32, 8, seed=1, step=5, split='val'))
+    a = corpus.batch_offsets(10_000, 32, 8, seed=1, step=5, split='train')
+    assert torch.equal(a, corpus.batch_offsets(10_000, 32, 8, seed=1, step=5, split='train'))
+    assert not torch.equal(a, corpus.batch_offsets(10_000, 32, 8, seed=1, step=6, split='train'))
+    assert not torch.equal(a, corpus.batch_offsets(10_000, 32, 8, seed=1, step=5, split='val'))
     assert int(a.max()) < 10_000 - 33
 
 
