@@ -49,17 +49,22 @@ def _complete(path):
         return False
 
 
-def _settle(out_dir):
-    """After a crash during a swap, put the newest complete checkpoint back at out_dir/ckpt: a
-    complete ckpt.tmp (its meta.json is written last) is newer than ckpt.old."""
+def _newest(out_dir):
+    """Where out_dir's newest checkpoint is: ckpt if it has a meta.json; after a crash during a
+    swap, a complete ckpt.tmp (its meta.json is written last), else a complete ckpt.old; None."""
     final, tmp, old = (os.path.join(out_dir, n) for n in ('ckpt', 'ckpt.tmp', 'ckpt.old'))
-    if not os.path.exists(os.path.join(final, 'meta.json')):
-        for newest in (tmp, old):
-            if _complete(newest):
-                shutil.rmtree(final, ignore_errors=True)
-                os.rename(newest, final)
-                break
-    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(os.path.join(final, 'meta.json')):
+        return final
+    return next((p for p in (tmp, old) if _complete(p)), None)
+
+
+def _settle(out_dir):
+    """After a crash during a swap, put the newest complete checkpoint back at out_dir/ckpt."""
+    final, newest = os.path.join(out_dir, 'ckpt'), _newest(out_dir)
+    if newest not in (None, final):
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(newest, final)
+    shutil.rmtree(os.path.join(out_dir, 'ckpt.old'), ignore_errors=True)
 
 
 def start_checkpoint(out_dir):
@@ -135,8 +140,8 @@ def save_checkpoint(out_dir, model, optimizer, cfg, iter_num, best_val_loss, ps=
                 else None}, os.path.join(tmp, rname))
     parts = [(entries, files, {rname: file_record(os.path.join(tmp, rname))})]
     if ps.world > 1:
-        parts = [None] * ps.world
-        dist.all_gather_object(parts, (entries, files, {rname: file_record(os.path.join(tmp, rname))}))
+        mine, parts = parts[0], [None] * ps.world
+        dist.all_gather_object(parts, mine)
     if ps.is_main:
         tensors, records, rngs = {}, {}, {}
         for ents, fr, rr in parts:
@@ -156,12 +161,9 @@ class Checkpoint:
     Refuses truncated or inconsistent checkpoints with a message saying what is wrong."""
 
     def __init__(self, out_dir):
-        path = os.path.join(out_dir, 'ckpt')
-        if not os.path.exists(os.path.join(path, 'meta.json')):  # a crash during a swap: the newest complete one
-            path = next((p for p in (os.path.join(out_dir, n) for n in ('ckpt.tmp', 'ckpt.old')) if _complete(p)),
-                        path)
-        if not os.path.exists(os.path.join(path, 'meta.json')):
-            raise FileNotFoundError(f'no checkpoint in {out_dir!r} (expected {path}/meta.json)')
+        path = _newest(out_dir)
+        if path is None:
+            raise FileNotFoundError(f'no checkpoint in {out_dir!r} (expected {out_dir}/ckpt/meta.json)')
         try:
             with open(os.path.join(path, 'meta.json')) as f:
                 self.meta = json.load(f)
@@ -174,17 +176,22 @@ class Checkpoint:
                 raise RuntimeError(f'checkpoint {path}: {name} has {actual} bytes, meta.json says {size} (truncated?)')
         self.path, self.files = path, {}
 
-    def _verified(self, fname, want):
-        """The path of fname, its CRC-32 checked against want (None: a checkpoint from before CRCs)."""
+    def _verified(self, fname, size, crc):
+        """The path of fname, its size and CRC-32 checked (None: not recorded, as before CRCs)."""
         path = os.path.join(self.path, fname)
-        if want is not None and file_record(path)[1] != want:
+        actual = os.path.getsize(path)
+        if size is not None and actual != size:
+            raise RuntimeError(f'checkpoint {self.path}: {fname} is truncated '
+                               f'({actual} bytes, meta.json says {size})')
+        if crc is not None and file_record(path)[1] != crc:
             raise RuntimeError(f'checkpoint {self.path}: {fname} does not match the CRC-32 in meta.json '
                                '(corrupted on disk or in transfer); restore it or use another checkpoint')
         return path
 
     def _file(self, fname):
         if fname not in self.files:
-            path = self._verified(fname, self.meta.get('file_crc32', {}).get(fname))
+            crc = self.meta.get('file_crc32', {}).get(fname)
+            path = self._verified(fname, self.meta['file_bytes'].get(fname), crc)
             self.files[fname] = torch.load(path, map_location='cpu', mmap=True, weights_only=True)
         return self.files[fname]
 
@@ -259,10 +266,8 @@ class Checkpoint:
         check_finite(model, ps, f'load {self.path} into')
         rname = f'rng-{ps.rank}.pt'
         if rng and self.meta['layout']['world'] == ps.world and os.path.exists(os.path.join(self.path, rname)):
-            record = self.meta.get('rng_files', {}).get(rname)
-            if record and os.path.getsize(os.path.join(self.path, rname)) != record[0]:
-                raise RuntimeError(f'checkpoint {self.path}: {rname} is truncated (meta.json says {record[0]} bytes)')
-            states = torch.load(self._verified(rname, record and record[1]), weights_only=True)
+            size, crc = self.meta.get('rng_files', {}).get(rname, (None, None))
+            states = torch.load(self._verified(rname, size, crc), weights_only=True)
             torch.set_rng_state(states['cpu'])
             if states['cuda'] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state(states['cuda'])
