@@ -33,11 +33,13 @@ measured in the same run; 'of_bound' is that floor over the measured step time.
 """
 
 import json
+import os
 import statistics
 import time
 
 import numpy as np
 import torch
+from torch.autograd import DeviceType
 
 import corpus
 import train
@@ -78,6 +80,7 @@ pairs = ((),)                  # layer_parallel spans to compare, e.g. [[],[16,3
 prompt_len = 128               # KV positions filled before timing
 exit_rates = (0.0, 0.5)        # with exit_layers, batch 1: shares of tokens forced to leave at the first exit
 new_tokens = 64                # decode steps per timing; the median of 5 is reported
+profile = ''                   # a folder: also write there each timed kind's kernels (torch.profiler), CUDA only
 DEFAULTS = snapshot(globals())
 
 
@@ -122,6 +125,38 @@ def time_steps(reset, fn, N, cuda):
             torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) / N)
     return statistics.median(times[1:])
+
+
+def profiled(fn, n, path):
+    """CUDA kernels of n calls of fn, by total time (torch.profiler), written to path as a
+    table headed by the wall time and the kernel time per call: the difference is idle GPU."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / n
+    dev_time = lambda e: getattr(e, 'self_device_time_total', None) or getattr(e, 'self_cuda_time_total', 0)
+    kernels = sorted((e for e in prof.key_averages() if e.device_type == DeviceType.CUDA
+                      and not getattr(e, 'is_user_annotation', False)), key=dev_time, reverse=True)
+    busy = sum(dev_time(e) for e in kernels) / n / 1e3  # ms per call
+    with open(path, 'w') as f:
+        f.write(f'wall {wall * 1e3:.3f} ms per call, GPU kernels {busy:.3f} ms per call, {n} calls\n')
+        f.write(f"{'ms/call':>9} {'share':>6} {'calls/call':>10}  kernel\n")
+        for e in kernels[:60]:
+            f.write(f'{dev_time(e) / n / 1e3:9.4f} {dev_time(e) / n / 1e3 / busy:6.1%} {e.count / n:10.1f}  '
+                    f'{e.key[:150]}\n')
+    return wall, busy
+
+
+def profile_to(cfg_b, name, fn, n=16):
+    """With the profile key set (CUDA): profiled() into {profile}/{shape}_{name}.txt."""
+    if cfg_b['profile'] and torch.cuda.is_available():
+        os.makedirs(cfg_b['profile'], exist_ok=True)
+        name = ''.join(c if c.isalnum() else '_' for c in f"{cfg_b['shape']}_{name}")
+        profiled(fn, n, os.path.join(cfg_b['profile'], name + '.txt'))
 
 
 def forced_exits(dec, rate):
@@ -187,14 +222,18 @@ def decode(cfg_b, ps, dev):
                     kinds['compiled graph'] = (reset, capture(compile_decode(step), 3)[0].replay, P + 3.5 * N)
             for kind, (reset, fn, kv_positions) in kinds.items():
                 record(kind, B, time_steps(reset, fn, N, cuda), kv_positions)
+                reset(0)
+                profile_to(cfg_b, f'{kind}_B{B}', fn)
             model.use_cache(None)
             if B == 1 and mcfg.exit_layers:  # generate.py's early-exit decoder, exits forced at fixed rates
                 dec = Decoder(model, graphs=cuda, compile=cfg_b['compile'])
                 prompt = torch.randint(0, mcfg.vocab_size, (P + 1,)).tolist()
                 for rate in (None,) + tuple(cfg_b['exit_rates']):
                     kind = 'decoder' + ('' if rate is None else f', {rate:.0%} exit at {mcfg.exit_layers[0]}')
-                    record(kind, B, time_steps(lambda rep: dec.start(prompt, P + N + 8), forced_exits(dec, rate), N,
-                                               cuda), P + N / 2, rate)
+                    restart = lambda rep: dec.start(prompt, P + N + 8)
+                    record(kind, B, time_steps(restart, forced_exits(dec, rate), N, cuda), P + N / 2, rate)
+                    restart(0)
+                    profile_to(cfg_b, f'{kind}_B{B}', forced_exits(dec, rate), N)
                 del dec
                 model.use_cache(None)
     for r in results:  # speed against the same run without pairs, and early exit against the plain decoder
@@ -225,18 +264,29 @@ def training(cfg_b, ps, dev):
     for m in cfg_b['accum']:
         batches = corpus.Batches({'train': data}, cfg_b['batch_size'], mcfg.block_size, m * ps.dp, device=dev)
         mbs = plan_microbatches(mcfg, ps.pp, m, fill_bubbles=cfg_b['fill_bubbles'])
-        times = []
-        for i in range(cfg_b['warmup'] + cfg_b['steps']):
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
+
+        def step():
+            nonlocal it
             train.train_step(fwd, optimizer, grads, batches, it, 1e-4, w, 1.0, ctx, scaler, ps, mbs=mbs)
-            if cuda:
-                torch.cuda.synchronize()
             it += 1
-            if i >= cfg_b['warmup']:
-                times.append(time.perf_counter() - t0)
-        dt = statistics.median(times)
+
+        for _ in range(cfg_b['warmup']):
+            step()
+        # back to back as train.py runs them (the host may run ahead); on CUDA, timed by events
+        marks = [time.perf_counter()] if not cuda else [torch.cuda.Event(enable_timing=True)]
+        if cuda:
+            marks[0].record()
+        for _ in range(cfg_b['steps']):
+            step()
+            if cuda:
+                marks.append(torch.cuda.Event(enable_timing=True))
+                marks[-1].record()
+            else:
+                marks.append(time.perf_counter())
+        if cuda:
+            torch.cuda.synchronize()
+        dt = statistics.median([a.elapsed_time(b) / 1e3 if cuda else b - a for a, b in zip(marks, marks[1:])])
+        profile_to(cfg_b, f'train_{m}mb', step, 3)
         tokens = cfg_b['batch_size'] * batches.accum * mcfg.block_size
         flops_per_token = model.flops_per_token(mcfg.block_size)
         flops = flops_per_token * tokens / dt / ps.world  # per GPU

@@ -356,10 +356,13 @@ def full_tensor(t, p, ps):
 # gradients
 
 class GradSync:
-    """Data-parallel gradient sum. Gradients live in flat buckets (p.grad is a view into
-    one); when the last gradient of a bucket is accumulated during the backward of the
-    last micro-batch (sync=True), the bucket's all-reduce starts at once, overlapping the
-    rest of the backward pass; wait() finishes them. With sp, the gradients of replicated
+    """Data-parallel gradient sum. Under dp > 1 gradients live in flat buckets (p.grad is a
+    view into one); when the last gradient of a bucket is accumulated during the backward of
+    the last micro-batch (sync=True), the bucket's all-reduce starts at once, overlapping the
+    rest of the backward pass; wait() finishes them. At dp = 1 there is nothing to send, and
+    the gradients stay autograd's own tensors: zero() drops them, so that the first backward
+    of a step stores its gradient instead of adding it to zeros (one kernel and a memset per
+    parameter saved: 1.0 of 35 GPU ms in a GPT-2 124M step on an H200). With sp, the gradients of replicated
     parameters (norms, biases after a row-parallel layer, positions) are partial sums over
     the sequence shards and are summed over the tp group too. A parameter copied on several
     pipeline stages (copy_group) has its gradient summed over them."""
@@ -368,7 +371,7 @@ class GradSync:
         self.ps, self.sync = ps, False
         self.params = list({id(p): p for p in params if p.requires_grad}.values())
         self.buckets, bucket, size = [], [], 0
-        for p in reversed(self.params):  # gradients arrive roughly in reverse order
+        for p in reversed(self.params if ps.dp > 1 else []):  # gradients arrive roughly in reverse order
             bucket.append(p)
             size += p.numel() * p.element_size()
             if size >= bucket_mb * 2**20:
@@ -406,6 +409,9 @@ class GradSync:
                 else:
                     self.handles[b].wait()
             self.pending, self.handles = [0] * len(self.buckets), [None] * len(self.buckets)
+        for p in self.replicated * self.ps.sp + self.copies:  # (a parameter this rank did not use)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         if self.ps.sp and self.replicated:
             flat = torch.cat([p.grad.flatten() for p in self.replicated])
             dist.all_reduce(flat, group=self.ps.tp_group)
@@ -419,6 +425,9 @@ class GradSync:
     def zero(self):
         for buf in self.bufs:
             buf.zero_()
+        if not self.bufs:
+            for p in self.params:
+                p.grad = None
 
 
 def clip_grad_norm_(params, max_norm, ps):
@@ -426,9 +435,10 @@ def clip_grad_norm_(params, max_norm, ps):
     Each logical parameter counts once: split ones sum over tp (and stages over pp),
     replicated ones count on tp rank 0 only, copies on several stages on the first one,
     dp replicas are equal and count once."""
-    params = list({id(p): p for p in params if p.grad is not None}.values())
-    counted = [p.grad for p in params if counted_here(p, ps)]
+    params = list({id(p): p for p in params}.values())
     sq = torch.zeros((), device=params[0].device, dtype=torch.float32)
+    params = [p for p in params if p.grad is not None]  # (a stage with nothing to learn still joins the sum)
+    counted = [p.grad for p in params if counted_here(p, ps)]
     for dt in dict.fromkeys(g.dtype for g in counted):  # one multi-tensor kernel per dtype
         acc = torch.promote_types(dt, torch.float32)      # bf16/fp16 sum in float32, float64 in float64
         norms = torch._foreach_norm([g for g in counted if g.dtype == dt], 2.0, dtype=acc)
@@ -437,5 +447,6 @@ def clip_grad_norm_(params, max_norm, ps):
         dist.all_reduce(sq, group=ps.mp_group)
     norm = sq.sqrt()
     coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_([p.grad for p in params], coef)
+    if params:
+        torch._foreach_mul_([p.grad for p in params], coef)
     return norm

@@ -241,7 +241,7 @@ def train_step(model, optimizer, grads, batches, it, lr, w, grad_clip, ctx, scal
         gnorm = clip_grad_norm_(grads.params, grad_clip, ps)
     scaler.step(optimizer)
     scaler.update()
-    grads.zero()  # (never set_to_none: gradients are views into GradSync's buckets)
+    grads.zero()  # (GradSync's: under dp > 1 gradients are views into its buckets)
     return losses, gnorm
 
 
