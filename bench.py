@@ -21,11 +21,14 @@ torch.compile and then captured), with and without layer-parallel pairs.
     torchrun --nproc_per_node=2 bench.py --mode=decode --shape=7b --tp=2 --pairs=[[],[16,30]] --compile=True
     python bench.py --mode=decode --shape=tiny --device=cpu --pairs=[[],[0,2]] --prompt_len=8 --new_tokens=4
 
-With exit_layers, batch 1 also runs generate.py's Decoder (decode.py) (CUDA graphs per segment, one host
-read per token): plainly, with the first exit computed but never taken, and with a share
-(exit_rates) of the tokens forced to leave there, evenly spread.
+With exit_layers, each batch size also runs generate.py's Decoder (decode.py: CUDA graphs per
+segment, one host read per segment for the whole batch), every row its own sequence: plainly
+(full decoding), with a share (exit_rates) of each row's tokens forced to leave at the first
+exit (rows independently; 0: the exit computed, never taken), and self-speculating from that
+exit with a fixed acceptance (spec_k drafts, spec_accepted kept per round). Speculation's
+ms_per_step is per token (a round over the tokens it yields).
 
-    python bench.py --mode=decode --shape=7b --compile=True --exit_layers=[16] --batch=[1] --exit_rates=[0,0.5]
+    python bench.py --mode=decode --shape=7b --compile=True --exit_layers=[16] --batch=[1,8] --exit_rates=[0,0.5]
 
 Reports ms per step, tokens/s and the memory-bandwidth floor: the bytes a step must read
 (this rank's weights but the embedding, plus the KV cache) over the copy bandwidth
@@ -78,7 +81,9 @@ fill_bubbles = False
 batch = (1, 16)                # decode batch sizes, one run each
 pairs = ((),)                  # layer_parallel spans to compare, e.g. [[],[16,30]]
 prompt_len = 128               # KV positions filled before timing
-exit_rates = (0.0, 0.5)        # with exit_layers, batch 1: shares of tokens forced to leave at the first exit
+exit_rates = (0.0, 0.5)        # with exit_layers: shares of tokens forced to leave at the first exit
+spec_k = 4                     # with exit_layers: self-speculation from the first exit, drafts per round,
+spec_accepted = 3              # of which each row keeps this many (then the full model's token)
 new_tokens = 64                # decode steps per timing; the median of 5 is reported
 profile = ''                   # a folder: also write there each timed kind's kernels (torch.profiler), CUDA only
 DEFAULTS = snapshot(globals())
@@ -160,15 +165,41 @@ def profile_to(cfg_b, name, fn, n=16):
 
 
 def forced_exits(dec, rate):
-    """One decoding step of dec where a share `rate` of the tokens, evenly spread, exits at
-    the first exit (threshold 0) and the others run every block (threshold inf: the exit is
-    computed and read, and does not fire). rate None: no exit is computed."""
+    """One decoding step of every row of dec where a share `rate` of each row's tokens exits
+    at the first exit (threshold 0) and the others run every block (threshold inf: the exit
+    is computed and read, and does not fire); rows fire independently (a golden-ratio
+    sequence per row, offset by the row). rate None: no exit is computed."""
+    phi = (5 ** 0.5 - 1) / 2
+
     def fn():
-        j = len(dec.tokens)
-        fire = rate is not None and int((j + 1) * rate) > int(j * rate)
-        tok = dec.step(set() if rate is None else {0}, 0.0 if fire else float('inf'))[0]
-        dec.tokens.append(tok)
+        rules = {}
+        for r, toks in enumerate(dec.tokens):
+            fire = rate is not None and (len(toks) * phi + r * phi * phi) % 1.0 < rate
+            rules[r] = (set() if rate is None else {0}, 0.0 if fire else float('inf'), None)
+        for r, (tok, *_) in dec.step(rules).items():
+            dec.tokens[r].append(tok)
     return fn
+
+
+def speculation_round(dec, d, k, accepted):
+    """One round of self-speculation for every row of dec: k drafts from depth d, one verify,
+    then each row keeps `accepted` drafts and the full model's token after them (k tokens
+    when all k are kept), as decode.run_jobs does with that acceptance."""
+    rows, m = range(dec.B), accepted + 1 if accepted < k else k
+
+    def fn():
+        n = [len(t) for t in dec.tokens]
+        for _ in range(k):
+            for r, (tok, *_) in dec.step({r: (set(), float('inf'), None) for r in rows}, stop_depth=d).items():
+                dec.tokens[r].append(tok)
+        drafts = [t[n[r]:] for r, t in enumerate(dec.tokens)]
+        for r in rows:
+            del dec.tokens[r][n[r]:]
+        best = dec.verify(d, k, rows)[1].tolist()
+        for r in rows:
+            dec.tokens[r] += drafts[r][:m - 1] + [int(best[r][m - 1][1])]
+            del dec.done[r][len(dec.tokens[r]) - 1:]
+    return fn, m
 
 
 def decode(cfg_b, ps, dev):
@@ -225,15 +256,23 @@ def decode(cfg_b, ps, dev):
                 reset(0)
                 profile_to(cfg_b, f'{kind}_B{B}', fn)
             model.use_cache(None)
-            if B == 1 and mcfg.exit_layers:  # generate.py's early-exit decoder, exits forced at fixed rates
-                dec = Decoder(model, graphs=cuda, compile=cfg_b['compile'])
-                prompt = torch.randint(0, mcfg.vocab_size, (P + 1,)).tolist()
-                for rate in (None,) + tuple(cfg_b['exit_rates']):
-                    kind = 'decoder' + ('' if rate is None else f', {rate:.0%} exit at {mcfg.exit_layers[0]}')
-                    restart = lambda rep: dec.start(prompt, P + N + 8)
-                    record(kind, B, time_steps(restart, forced_exits(dec, rate), N, cuda), P + N / 2, rate)
+            if mcfg.exit_layers:  # generate.py's decoder: exits forced at fixed rates; speculation
+                dec = Decoder(model, graphs=cuda, compile=cfg_b['compile'], batch_size=B)
+                k, acc = cfg_b['spec_k'], cfg_b['spec_accepted']
+                prompts = torch.randint(0, mcfg.vocab_size, (B, P + 1)).tolist()
+                d = mcfg.exits[0].depth
+                kinds = {'decoder' + ('' if rate is None else f', {rate:.0%} exit at {mcfg.exit_layers[0]}'):
+                         (forced_exits(dec, rate), 1, rate) for rate in (None,) + tuple(cfg_b['exit_rates'])}
+                fn, m = speculation_round(dec, d, k, acc)
+                kinds[f'speculative from {mcfg.exit_layers[0]}, {acc} of {k} drafts kept'] = (fn, m, None)
+                dec.reserve(P + N * k + k + 8)
+                for kind, (fn, m, rate) in kinds.items():
+                    def restart(rep):
+                        for r in range(B):
+                            dec.start(prompts[r], P + N * k + k + 8, row=r)
+                    record(kind, B, time_steps(restart, fn, N, cuda) / m, P + N * m / 2, rate)
                     restart(0)
-                    profile_to(cfg_b, f'{kind}_B{B}', forced_exits(dec, rate), N)
+                    profile_to(cfg_b, f'{kind}_B{B}', fn, N)
                 del dec
                 model.use_cache(None)
     for r in results:  # speed against the same run without pairs, and early exit against the plain decoder
@@ -241,8 +280,9 @@ def decode(cfg_b, ps, dev):
         base = next((q for q in results if not q['layer_parallel'] and same(q)), None)
         if base:
             r['speedup_vs_no_pairs'] = round(base['ms_per_step'] / r['ms_per_step'], 3)
-        plain = next((q for q in results if q['layer_parallel'] == r['layer_parallel'] and q['step'] == 'decoder'), None)
-        if r['exit_rate'] is not None and plain:
+        plain = next((q for q in results if q['layer_parallel'] == r['layer_parallel'] and q['step'] == 'decoder'
+                      and q['batch'] == r['batch']), None)
+        if r['step'].startswith(('decoder, ', 'speculative')) and plain:
             r['speedup_vs_decoder'] = round(plain['ms_per_step'] / r['ms_per_step'], 3)
     return results
 

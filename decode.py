@@ -2,10 +2,15 @@
 The decode engine, on token ids: sampling, the Decoder (a static KV cache, blocks in
 segments between exits, CUDA graphs, torch.compile) and every decoding method.
 
-    from decode import Decoder, generate
+    from decode import Decoder, generate, generate_many
     out = generate(model, prompt_ids, 100, 'recompute', thres=0.8)       # a fresh decoder
     dec = Decoder(model, compile=True)                                   # one kept for many calls
     out = generate(model, prompt_ids, 100, 'speculative', spec_exit=0, decoder=dec)
+    outs = generate_many(model, prompts, 100, 'recompute', thres=0.8, batch_size=8)
+
+Every method runs on a batch of rows, each row its own sequence deciding for itself (its
+exits, its drafts' acceptance, its own sampling generator), so that each row's output is
+the one it has decoded alone; run_jobs() feeds rows continuously (the server's loop).
 
 Methods:
 - full: every token runs every layer.
@@ -110,22 +115,30 @@ def capture(fn, warmup=1, pool=None):
 
 
 class Decoder:
-    """Batch-1 decoding over a static KV cache, for a model or one pipeline stage of it. The
-    blocks run in segments that end where an exit may fire; `done[p]` is how many blocks have
-    position p's KV, and `hid` holds p's hidden state at that depth. A token that exits
-    leaves the deeper KV of its position missing; the next token to pass that depth brings
-    it along (the chunk grows by one position per pending token), so the deep KV is exact.
+    """Decoding over a static KV cache for batch_size rows at once, each row a sequence of its
+    own (its own length and positions; a row can be refilled while the others go on), for a
+    model or one pipeline stage of it. The blocks run in segments that end where an exit may
+    fire; `done[r][p]` is how many blocks have row r's position p in their KV, and `hid`
+    holds p's hidden state at that depth. A token that exits leaves the deeper KV of its
+    position missing; the next token of its row to pass that depth brings it along (its
+    chunk grows by one position per pending token), so the deep KV is exact.
+
+    A segment runs every row at once, each on its own chunk of positions, right-aligned and
+    padded on the left to the longest chunk; padding, rows without a chunk and idle rows
+    point at a spare cache slot past the positions in use, which no real position attends
+    to. (Running a row for nothing costs little: at decode sizes a step is bound by reading
+    the weights, which happens once for the whole batch.) Every row of a step decides for
+    itself: one read from the device per segment for the whole batch.
 
     With graphs=True (CUDA) each (segment, chunk length, head) is captured as a CUDA graph
-    on first use and replayed after: a token costs one graph per segment it runs and one
-    read of three numbers per exit decision. Warm-up and capture leave the state as it was.
-    With compile=True each block and head runs compiled (compile_decode). The caller keeps
-    a decoder to reuse its cache and graphs: start() begins each new sequence."""
+    on first use and replayed after. With compile=True each block and head runs compiled
+    (compile_decode). Warm-up and capture leave the state as it was. The caller keeps a
+    decoder to reuse its cache and graphs: start() begins a sequence in a row."""
 
     MAX_CHUNK = 16  # longer chunks (long runs of exits) run eagerly: neither compiled nor captured
 
-    def __init__(self, model, graphs=True, compile=False):
-        self.model, self.cfg = model, model.config
+    def __init__(self, model, graphs=True, compile=False, batch_size=1):
+        self.model, self.cfg, self.B = model, model.config, batch_size
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
         self.graphs, self.compile = graphs and p.is_cuda, compile
@@ -134,73 +147,97 @@ class Decoder:
         self.hi = max(int(i) + b.width for i, b in model.blocks.items())
         self.exit_at = {i + 1: e for i, es in model.exits_after.items() for e in es}
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
-        self.t = torch.zeros(1, dtype=torch.long, device=p.device)         # the position being decoded
-        self.tok = torch.zeros(1, 1, dtype=torch.long, device=p.device)    # its token
+        self.tok = torch.zeros(batch_size, 1, dtype=torch.long, device=p.device)  # each row's new token
+        self.row_index = torch.arange(batch_size, device=p.device)[:, None]       # (B, 1)
+        self.pos = {}  # T: (B, T) positions of each row's chunk, filled before each segment
         # each block and head is compiled on its own, once per chunk length (one compilation
         # serves every block of the model, torch >= 2.5)
         self.call = compile_decode(direct) if compile else direct
         self.max_len, self.captured = 0, {}
+        self.tokens, self.done = [None] * batch_size, [None] * batch_size  # per row; None: idle
 
     def reserve(self, n):
         """Room for sequences of n positions: the cache holds n rounded up to a power of two
-        (at least 256, at most block_size); a new size reallocates it and drops the graphs."""
+        (at least 256) and the spare slot; a larger size reallocates it (only while every row
+        is idle) and drops the graphs."""
         if n > self.cfg.block_size:
             raise ValueError(f'{n} positions exceed the block_size={self.cfg.block_size} the model was trained for')
-        size = min(self.cfg.block_size, max(256, 1 << (n - 1).bit_length()))
-        if size != self.max_len:
+        size = max(n, min(self.cfg.block_size, max(256, 1 << (n - 1).bit_length())))
+        if size > self.max_len:
+            busy = [r for r, t in enumerate(self.tokens) if t is not None]
+            if busy:
+                raise ValueError(f'a sequence of {n} positions needs a larger cache than the {self.max_len} reserved, '
+                                 f'while rows {busy} decode; reserve() the longest first')
             self.caches = self.hid = None  # (free the old ones first)
             self.captured = {}
-            self.caches = self.model.setup_cache(1, size, self.dtype)
-            self.hid = torch.zeros(1, size, self.cfg.n_embd, dtype=self.dtype, device=self.device)
+            self.caches = self.model.setup_cache(self.B, size + 1, self.dtype)
+            self.hid = torch.zeros(self.B, size + 1, self.cfg.n_embd, dtype=self.dtype, device=self.device)
             self.arange = torch.arange(size, device=self.device)
-            self.max_len = size
+            self.max_len = self.spare = size
 
-    def start(self, prompt, n, h=None):
-        """A new sequence of at most n positions: the prompt but its last token through this
-        stage's blocks (h (1, len(prompt) - 1, C): their hidden states from the previous
-        stage) and the exits that keep a KV cache. Decoding starts at the last prompt token.
-        Returns the prompt's hidden states after this stage's blocks (None if just one token)."""
+    def start(self, prompt, n, h=None, row=0):
+        """A new sequence of at most n positions in row `row`: the prompt but its last token
+        through this stage's blocks (h (1, len(prompt) - 1, C): their hidden states from the
+        previous stage) and the exits that keep a KV cache. Decoding starts at the last
+        prompt token. Returns the prompt's hidden states after this stage's blocks (None if
+        just one token)."""
+        self.free(row)
         self.reserve(n)
         m = self.model
-        m.use_cache(self.caches)  # (the model may have run with another cache since)
-        self.tokens, k = list(prompt), len(prompt) - 1
-        self.done = [self.cfg.n_layer] * k
+        self.tokens[row], k = list(prompt), len(prompt) - 1
+        self.done[row] = [self.cfg.n_layer] * k
         if k == 0:
+            m.use_cache(self.caches)
             return None
+        m.use_cache([c.row(row) for c in self.caches])  # this row alone
         pos = self.arange[:k]
-        x = m.embed(torch.tensor([self.tokens[:k]], device=self.device), pos)[0] if m.first else h
+        x = m.embed(torch.tensor([self.tokens[row][:k]], device=self.device), pos)[0] if m.first else h
         rope = m.rope(pos)
         x, taps = m.run_blocks(x, rope, pos, exits=True)
         for e, hidden in taps:
             if m.exits[str(e)].block is not None:
                 m.exit_logits(e, hidden, rope, pos)  # (for its KV)
+        m.use_cache(self.caches)  # (the model may have run with another cache since, too)
         return x
 
+    def free(self, row):
+        """Row `row` is idle (its sequence is over)."""
+        self.tokens[row] = self.done[row] = None
+
     def segment(self, a, b, T, head, rows=1):
-        """Blocks a..b-1 for the T positions ending at self.t (their hidden states at depth a
-        are in hid; at a == 0, T is 1 and it is the new token), then the head at depth b (an
-        exit index, 'final', or None for none) on the last `rows` of them. Returns its logits
-        (rows, V) and (max prob, argmax, its log prob) per row (rows, 3), or (None, None)."""
+        """Blocks a..b-1 for the chunks in self.pos[T] (B, T) (their hidden states at depth a are
+        in hid; at a == 0, T is 1 and it is each row's new token), then the head at depth b (an
+        exit index, 'final', or None for none) on the last `rows` slots of each row. Returns its
+        logits (B, rows, V) and (max prob, argmax, its log prob) (B, rows, 3), or (None, None)."""
         m, call = self.model, self.call if T <= self.MAX_CHUNK else direct
-        pos = self.t - (T - 1) + self.arange[:T]                        # (T,)
-        h = m.embed(self.tok, pos)[0] if a == 0 else self.hid.index_select(1, pos)  # (1, T, C)
-        rope = m.rope(pos)
+        pos = self.pos[T]                                                # (B, T)
+        table_pos = pos.clamp(max=self.cfg.block_size - 1)  # (the spare slot may lie past the tables)
+        h = m.embed(self.tok, table_pos)[0] if a == 0 else self.hid[self.row_index, pos]  # (B, T, C)
+        rope = m.rope(table_pos)
         for k, block in m.blocks.items():
             if a <= int(k) < b:
                 h = call(block, h, rope, pos)
-        self.hid.index_copy_(1, pos, h)
+        self.hid[self.row_index, pos] = h
         if head is None:
             return None, None
         if head == 'final':
             logits = call(m.final_logits, h[:, -rows:])
         else:  # an exit with a block keeps a KV cache: it runs for every position of the chunk
             sel = slice(None) if m.exits[str(head)].block is not None else slice(T - rows, None)
-            logits = call(m.exit_logits, head, h[:, sel], m.rope(pos[sel]), pos[sel])[:, -rows:]
-        logits = full_vocab(m, logits[0])                                # (rows, V)
+            logits = call(m.exit_logits, head, h[:, sel], m.rope(table_pos[:, sel]), pos[:, sel])[:, -rows:]
+        logits = full_vocab(m, logits)                                   # (B, rows, V)
         return logits, call(confidence, logits)
 
-    def run(self, a, b, T, head, rows=1):
-        """segment(), compiled and as a CUDA graph where it can be."""
+    def run(self, a, b, head, chunks, rows=1):
+        """segment() for chunks {row: (first position, end)} (the other rows point at the spare
+        slot), compiled and as a CUDA graph where it can be."""
+        T = max(e - s for s, e in chunks.values())
+        pos = [[self.spare] * T for _ in range(self.B)]
+        for r, (s, e) in chunks.items():
+            pos[r][T - (e - s):] = range(s, e)
+        if T not in self.pos:
+            self.pos[T] = torch.empty(self.B, T, dtype=torch.long, device=self.device)
+        self.pos[T].copy_(torch.tensor(pos))
         fn = lambda: self.segment(a, b, T, head, rows)
         if not self.graphs or T > self.MAX_CHUNK:
             return fn()
@@ -213,55 +250,69 @@ class Decoder:
         graph.replay()
         return outs
 
-    def verify(self, d, k):
-        """Self-speculation's check: blocks d.. and the final head for the last committed
-        token and the k - 1 drafted after it (the drafting left their KV below d). Returns
-        the logits (k, V) and (max prob, argmax, its log prob) per row (k, 3)."""
-        L, n = self.cfg.n_layer, len(self.tokens)
-        self.t.fill_(n + k - 2)
-        out = self.run(d, L, k, 'final', rows=k)
-        self.done[n - 1:] = [L] * k
-        return out
+    def verify(self, d, k, rows):
+        """Self-speculation's check, for each of `rows`: blocks d.. and the final head for the
+        last committed token and the k - 1 drafted after it (the drafting left their KV below
+        d). Returns the logits (B, k, V) and (max prob, argmax, its log prob) (B, k, 3)."""
+        L, chunks = self.cfg.n_layer, {}
+        for r in rows:
+            n = len(self.tokens[r])
+            chunks[r] = (n - 1, n - 1 + k)
+            self.done[r][n - 1:] = [L] * k
+        return self.run(d, L, 'final', chunks, rows=k)
 
-    def step(self, allowed, thres, pick=None, stop_depth=None, h=None, decided=False):
-        """Process the last token through this stage, bringing every pending position along;
-        at each allowed exit (indices), if its max prob >= thres, emit from it. stop_depth: run
-        no deeper (drafting). pick(logits (1, V)) -> token; None: greedy. On a pipeline stage
-        after the first, h (1, 1, C) is the token's hidden state from the stage before, and
+    def step(self, rules, stop_depth=None, h=None, decided=False):
+        """Process the last token of each row in rules {row: (allowed exits (indices), thres,
+        pick)} through this stage, bringing every pending position along; at each allowed
+        exit, if its max prob >= thres, the row emits from it. stop_depth: run no deeper
+        (drafting). pick(logits (1, V)) -> token; None: greedy. On a pipeline stage after
+        the first, h (B, 1, C) is each row's token's hidden state from the stage before, and
         decided says an earlier stage has emitted it: then only the KV is computed here.
-        Returns (token, depth it left at, {depth: max prob}, its logits (1, V), the log prob
-        of the token), or None when the token leaves this stage undecided (its hidden state
-        is then in hid)."""
-        L, t = self.cfg.n_layer, len(self.tokens) - 1
-        self.t.fill_(t)
+        Returns {row: (token, depth it left at, {depth: max prob}, its logits (1, V), the log
+        prob of the token)}, without the rows whose token leaves this stage undecided (their
+        hidden states are then in hid)."""
+        L = self.cfg.n_layer
+        t = {r: len(self.tokens[r]) - 1 for r in rules}
         if h is None:
-            self.tok.fill_(self.tokens[t])
-        else:
-            self.hid[:, t] = h[:, -1]
-        self.done.append(self.lo)
+            self.tok.copy_(torch.tensor([[self.tokens[r][t[r]] if r in t else 0] for r in range(self.B)]))
+        for r in rules:
+            if h is not None:
+                self.hid[r, t[r]] = h[r, -1]
+            self.done[r].append(self.lo)
         if decided:  # only this stage's exits that keep a KV cache run, and none decides
             kv = {e for e in self.exit_at.values() if self.model.exits[str(e)].block is not None}
-            allowed, thres = allowed & kv, float('inf')
-        bounds = sorted({d for d, e in self.exit_at.items() if e in allowed} | {stop_depth or self.hi})
-        probs, a = {}, self.lo
-        for b in bounds:  # (it returns at the last bound at the latest)
-            start = t  # positions that need block a form a suffix: those stopped at depth <= a
-            while start > 0 and self.done[start - 1] <= a:
-                start -= 1
+            rules = {r: (allowed & kv, float('inf'), pick) for r, (allowed, _, pick) in rules.items()}
+        wanted = set().union(*(allowed for allowed, _, _ in rules.values()))
+        bounds = sorted({d for d, e in self.exit_at.items() if e in wanted} | {stop_depth or self.hi})
+        out, probs, a = {}, {r: {} for r in rules}, self.lo
+        for b in bounds:  # (at the model's last block or stop_depth every row decides)
+            chunks = {}
+            for r in rules.keys() - out.keys():  # positions needing block a: a suffix, those stopped at depth <= a
+                s, done = t[r], self.done[r]
+                while s > 0 and done[s - 1] <= a:
+                    s -= 1
+                chunks[r] = (s, t[r] + 1)
+                done[s:] = [b] * (t[r] + 1 - s)
             head = self.exit_at.get(b) if b < L else None if decided else 'final'
-            logits, out = self.run(a, b, t + 1 - start, head)
-            self.done[start:] = [b] * (t + 1 - start)
+            logits, conf = self.run(a, b, head, chunks)
             if head is None:  # the end of this stage, undecided (or decided before it)
-                return None
-            p, best, lp = out[-1].tolist()  # the one read per exit decision
-            if b < L:
-                probs[b] = p
-            if b == L or p >= thres or b == stop_depth:
-                tok = int(best) if pick is None else pick(logits)
-                if tok != int(best):
-                    lp = float(logits.float().log_softmax(-1)[0, tok])
-                return tok, b, probs, logits, lp
+                return out
+            conf = conf[:, -1].tolist()  # the one read per segment, for every row
+            for r in sorted(chunks):
+                allowed, thres, pick = rules[r]
+                p, best, lp = conf[r]
+                here = head in allowed
+                if here:
+                    probs[r][b] = p
+                if b == L or (here and p >= thres) or b == stop_depth:
+                    tok = int(best) if pick is None else pick(logits[r, -1:])
+                    if tok != int(best):
+                        lp = float(logits[r, -1].float().log_softmax(-1)[tok])
+                    out[r] = (tok, b, probs[r], logits[r, -1:], lp)
+            if len(out) == len(rules):
+                break
             a = b
+        return out
 
 
 def span(prompt, max_new_tokens, method, spec_k, block_size):
@@ -274,15 +325,42 @@ def span(prompt, max_new_tokens, method, spec_k, block_size):
     return n
 
 
-@torch.no_grad()
-def generate(model, prompt, max_new_tokens, method='full', thres=None, allowed=None, spec_exit=None, spec_k=4,
-             temperature=0.0, top_k=None, top_p=None, seed=None, stop=None, on_token=None, decoder=None):
-    """Returns {'tokens', 'depths' (blocks each token ran before its head; n_layer = final),
-    'max_probs' ({depth: max prob} per token), 'logprobs' (of each token under the head that
-    chose it), 'accepted', 'drafted' (speculative)}. allowed: exit indices that may fire
-    (None: all); spec_exit: the drafting exit's index. decoder: a Decoder of this model to
-    reuse (its cache, CUDA graphs and compiled code); None: a new one (CUDA graphs on CUDA)."""
-    cfg, L = model.config, model.config.n_layer
+class Job:
+    """One sequence to decode, its settings and its output: prompt (token ids), up to
+    max_new_tokens, early exit at thres from the exits `allowed` (indices; None: all; thres
+    None: none), sampling (temperature 0: greedy) from its own generator (seed), stop at the
+    token `stop`. on_token(token, depth, probs) sees each token as it comes; on_done(job)
+    the end. out: {'tokens', 'depths' (blocks each token ran before its head; n_layer =
+    final), 'max_probs' ({depth: max prob} per token), 'logprobs' (of each token under the
+    head that chose it), 'accepted', 'drafted' (speculative)}."""
+
+    def __init__(self, cfg, device, prompt, max_new_tokens, thres=None, allowed=None, temperature=0.0, top_k=None,
+                 top_p=None, seed=None, stop=None, on_token=None, on_done=None):
+        self.prompt, self.max_new_tokens, self.stop = list(prompt), max_new_tokens, stop
+        self.thres = float('inf') if thres is None else thres
+        self.allowed = set(range(len(cfg.exit_layers))) if allowed is None else set(allowed)
+        if self.thres == float('inf'):
+            self.allowed = set()  # nothing can fire: no exit is computed
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
+        self.pick = None if temperature == 0 else lambda logits: int(sample(logits, temperature, top_k, top_p,
+                                                                            self.gen)[0])
+        self.on_token, self.on_done = on_token, on_done
+        self.out = {'tokens': [], 'depths': [], 'max_probs': [], 'logprobs': [], 'drafted': 0, 'accepted': 0}
+
+    def dist(self, logits):
+        return distribution(logits, self.temperature, self.top_k, self.top_p)[0]
+
+    def emit(self, tok, depth, probs, logprob):
+        """Record a token; returns whether the sequence is over."""
+        for k, v in zip(('tokens', 'depths', 'max_probs', 'logprobs'), (tok, depth, probs, logprob)):
+            self.out[k].append(v)
+        if self.on_token:
+            self.on_token(tok, depth, probs)
+        return len(self.out['tokens']) >= self.max_new_tokens or tok == self.stop
+
+
+def check_method(cfg, method, spec_exit, spec_k):
     if method not in ('full', 'recompute', 'speculative'):
         raise ValueError(f"method={method!r}; allowed: 'full', 'recompute', 'speculative'")
     if method == 'speculative':
@@ -290,59 +368,110 @@ def generate(model, prompt, max_new_tokens, method='full', thres=None, allowed=N
             raise ValueError(f'spec_k={spec_k!r}; allowed: an int >= 1 (tokens drafted per verification)')
         if spec_exit not in range(len(cfg.exits)):
             raise ValueError(f'spec_exit={spec_exit!r}: the drafting exit\'s index; allowed: 0..{len(cfg.exits) - 1}')
-    allowed = set(range(len(cfg.exit_layers))) if allowed is None else set(allowed)
-    gen = torch.Generator(next(model.parameters()).device).manual_seed(seed) if seed is not None else None
-    pick = None if temperature == 0 else lambda logits: int(sample(logits, temperature, top_k, top_p, gen)[0])
-    dec = Decoder(model) if decoder is None else decoder
-    assert dec.model is model, 'the decoder belongs to another model'
-    dec.start(prompt, span(prompt, max_new_tokens, method, spec_k, cfg.block_size))
-    out = {'tokens': [], 'depths': [], 'max_probs': [], 'logprobs': [], 'drafted': 0, 'accepted': 0}
 
-    def emit(tok, depth, probs, logprob):
-        dec.tokens.append(tok)
-        out['tokens'].append(tok)
-        out['depths'].append(depth)
-        out['max_probs'].append(probs)
-        out['logprobs'].append(logprob)
-        if on_token:
-            on_token(tok, depth, probs)
-        return len(out['tokens']) >= max_new_tokens or tok == stop
 
-    if method in ('full', 'recompute'):
-        thres = float('inf') if (method == 'full' or thres is None) else thres
-        while True:
-            tok, depth, probs, _, logprob = dec.step(allowed if thres != float('inf') else set(), thres, pick)
-            if emit(tok, depth, probs, logprob):
-                return out
-    d = cfg.exits[spec_exit].depth
-    dist_of = lambda logits: distribution(logits, temperature, top_k, top_p)[0]
+@torch.no_grad()
+def run_jobs(dec, take, method='recompute', spec_exit=None, spec_k=4):
+    """Decode jobs with dec until take() has none left: take() -> the next Job or None (none
+    waiting now). A free row takes the next job at every step (continuous batching), so a
+    short job never waits for a long one. method 'full' or 'recompute' (each job's thres and
+    exits; full: none), or 'speculative': every row drafts spec_k tokens from exit spec_exit
+    and is verified on its own, keeping only its own accepted drafts."""
+    cfg, L = dec.cfg, dec.cfg.n_layer
+    check_method(cfg, method, spec_exit, spec_k)
+    jobs = {}  # row: job
+
+    def finish(r):
+        dec.free(r)
+        job = jobs.pop(r)
+        if job.on_done:
+            job.on_done(job)
+
+    def emit(r, tok, depth, probs, logprob):
+        dec.tokens[r].append(tok)
+        if jobs[r].emit(tok, depth, probs, logprob):
+            finish(r)
+            return True
+        return False
+
     while True:
-        n = len(dec.tokens)
-        drafts, qs = [], []
+        for r in range(dec.B):  # fill the free rows
+            while r not in jobs:
+                job = take()
+                if job is None:
+                    break
+                jobs[r] = job
+                dec.start(job.prompt, span(job.prompt, job.max_new_tokens, method, spec_k, cfg.block_size), row=r)
+                if job.max_new_tokens == 0:
+                    finish(r)
+        if not jobs:
+            return
+        if method != 'speculative':
+            rules = {r: (set() if method == 'full' else j.allowed, j.thres, j.pick) for r, j in jobs.items()}
+            for r, (tok, depth, probs, _, logprob) in dec.step(rules).items():
+                emit(r, tok, depth, probs, logprob)
+            continue
+        d, n = cfg.exits[spec_exit].depth, {r: len(dec.tokens[r]) for r in jobs}
+        drafts, qs = {r: [] for r in jobs}, {r: [] for r in jobs}
         for _ in range(spec_k):  # draft with the exit (layers < d, the shared KV)
-            tok, _, _, logits, _ = dec.step(set(), float('inf'), pick, stop_depth=d)
-            drafts.append(tok)
-            qs.append(dist_of(logits) if temperature else None)
-            dec.tokens.append(tok)
-        del dec.tokens[n:]
-        # verify: the remaining layers for the k drafted positions n-1.. in one forward
-        full, best = dec.verify(d, spec_k)  # (k, V): the full model after each position
+            out = dec.step({r: (set(), float('inf'), j.pick) for r, j in jobs.items()}, stop_depth=d)
+            for r, (tok, _, _, logits, _) in out.items():
+                drafts[r].append(tok)
+                qs[r].append(jobs[r].dist(logits) if jobs[r].temperature else None)
+                dec.tokens[r].append(tok)
+        for r in jobs:
+            del dec.tokens[r][n[r]:]
+        # verify: the remaining layers for each row's k drafted positions in one forward
+        full, best = dec.verify(d, spec_k, list(jobs))  # (B, k, V): the full model after each position
         best = best.tolist()
-        out['drafted'] += spec_k
-        for j in range(spec_k):
-            if temperature == 0:  # greedy: keep the draft while it is the full model's argmax
-                want, logprob = int(best[j][1]), best[j][2]
-                ok = want == drafts[j]
-            else:
-                want, ok = accept(drafts[j], dist_of(full[j:j + 1]), qs[j], gen)
-                logprob = float(full[j].float().log_softmax(-1)[want])
-            out['accepted'] += ok
-            finished = emit(want, d if ok else L, {}, logprob)
-            if finished or not ok:
-                break
-        del dec.done[len(dec.tokens) - 1:]  # positions past the last committed token are redone
-        if finished:
-            return out
+        for r, job in list(jobs.items()):
+            job.out['drafted'] += spec_k
+            for j in range(spec_k):
+                if job.temperature == 0:  # greedy: keep the draft while it is the full model's argmax
+                    want, logprob = int(best[r][j][1]), best[r][j][2]
+                    ok = want == drafts[r][j]
+                else:
+                    want, ok = accept(drafts[r][j], job.dist(full[r, j:j + 1]), qs[r][j], job.gen)
+                    logprob = float(full[r, j].float().log_softmax(-1)[want])
+                job.out['accepted'] += ok
+                finished = emit(r, want, d if ok else L, {}, logprob)
+                if finished or not ok:
+                    break
+            if not finished:  # positions past the last committed token are redone
+                del dec.done[r][len(dec.tokens[r]) - 1:]
+
+
+@torch.no_grad()
+def generate(model, prompt, max_new_tokens, method='full', thres=None, allowed=None, spec_exit=None, spec_k=4,
+             temperature=0.0, top_k=None, top_p=None, seed=None, stop=None, on_token=None, decoder=None):
+    """One sequence: Job's output dict (which says what each key holds). allowed: exit
+    indices that may fire (None: all); spec_exit: the drafting exit's index. decoder: a
+    Decoder of this model to reuse (its cache, CUDA graphs and compiled code); None: a new
+    one (CUDA graphs on CUDA)."""
+    return generate_many(model, [prompt], max_new_tokens, method, thres, allowed, spec_exit, spec_k, temperature,
+                         top_k, top_p, seed, stop, on_token and (lambda i, *a: on_token(*a)), decoder)[0]
+
+
+@torch.no_grad()
+def generate_many(model, prompts, max_new_tokens, method='full', thres=None, allowed=None, spec_exit=None, spec_k=4,
+                  temperature=0.0, top_k=None, top_p=None, seed=None, stop=None, on_token=None, decoder=None,
+                  batch_size=1, on_done=None):
+    """generate() for many prompts, batch_size rows at once (or the decoder's), a finished
+    row taking the next prompt. Prompt i samples from its own generator, seeded seed + i, so
+    that its output is the one it has alone. on_token(i, token, depth, probs); on_done(i,
+    output) as each ends. Returns the outputs in prompt order."""
+    check_method(model.config, method, spec_exit, spec_k)
+    dec = Decoder(model, batch_size=batch_size) if decoder is None else decoder
+    assert dec.model is model, 'the decoder belongs to another model'
+    dev = next(model.parameters()).device
+    jobs = [Job(model.config, dev, p, max_new_tokens, thres if method == 'recompute' else None, allowed,
+                temperature, top_k, top_p, None if seed is None else seed + i, stop,
+                on_token and (lambda *a, i=i: on_token(i, *a)), on_done and (lambda job, i=i: on_done(i, job.out)))
+            for i, p in enumerate(prompts)]
+    dec.reserve(max(span(p, max_new_tokens, method, spec_k, model.config.block_size) for p in prompts))
+    waiting = iter(jobs)
+    run_jobs(dec, lambda: next(waiting, None), method, spec_exit, spec_k)
+    return [j.out for j in jobs]
 
 
 class Message:
@@ -390,7 +519,7 @@ def generate_pipelined(model, prompt, max_new_tokens, thres=None, allowed=None, 
     out = {'tokens': [], 'depths': [], 'drafted': 0, 'accepted': 0}
     read = [0] * P  # stage 0: reports read from each stage
     while True:
-        t = len(dec.tokens) - 1
+        t = len(dec.tokens[0]) - 1
         decided, h = False, None
         if not model.first:
             decided, _, _, halt = Message.unpack(recv((4,), torch.long, s - 1))
@@ -399,14 +528,14 @@ def generate_pipelined(model, prompt, max_new_tokens, thres=None, allowed=None, 
                     send(Message.pack(stop=True, device=dev), s + 1)
                 break
             h = recv((1, 1, C), dec.dtype, s - 1)
-        choice = dec.step(allowed, thres, pick, h=h, decided=decided)
+        choice = dec.step({0: (allowed, thres, pick)}, h=h, decided=decided).get(0)
         msg = Message.pack(choice is not None, *(choice[:2] if choice else (-1, 0)), device=dev)
         if not model.last:
             send(Message.pack(decided or choice is not None, device=dev), s + 1)
-            send(dec.hid[:, t:t + 1].clone(), s + 1)
+            send(dec.hid[:1, t:t + 1].clone(), s + 1)
         if not model.first:  # every stage reports each token to stage 0, decided here or not
             send(msg, 0)
-            dec.tokens.append(None)  # (only stage 0 knows the tokens; the others count positions)
+            dec.tokens[0].append(None)  # (only stage 0 knows the tokens; the others count positions)
             continue
         steps = t - n0 + 1
         if choice is None:  # wait for the stage that decides (stages after it are still working)
@@ -418,7 +547,7 @@ def generate_pipelined(model, prompt, max_new_tokens, thres=None, allowed=None, 
                     choice = (tok, depth)
                     break
         tok, depth = choice[:2]
-        dec.tokens.append(tok)
+        dec.tokens[0].append(tok)
         out['tokens'].append(tok)
         out['depths'].append(depth)
         if len(out['tokens']) >= max_new_tokens or tok == stop:

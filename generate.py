@@ -6,6 +6,7 @@ Generate from a trained checkpoint, with KV-cached early exit.
     python generate.py --out_dir=out-pystdlib --method=speculative --spec_exit=2 --spec_k=4
     torchrun --nproc_per_node=2 generate.py --out_dir=out-pystdlib --tp=2 --early_exit_thres=0.8
     torchrun --nproc_per_node=2 generate.py --out_dir=out-pystdlib --pp=2 --method=pipeline --early_exit_thres=0.8
+    python generate.py --out_dir=out-pystdlib --prompts_file=prompts.jsonl --batch_size=8 --json
     python generate.py --out_dir=out-pystdlib --serve --port=5000     # PUT /api, EE-LLM's fields
     torchrun --nproc_per_node=2 generate.py --out_dir=out-pystdlib --tp=2 --layer_parallel=[2,4]
 
@@ -14,6 +15,11 @@ exit with KV recomputation); pipeline (EE-LLM's pipeline-based early exit, with 
 speculative (LayerSkip's lossless self-speculation). On CUDA (--graphs=True, the default)
 the blocks between two exits run as one replayed CUDA graph, and an exit decision costs one
 small read from the device; with --compile=True each block and head is compiled first.
+
+Every method but pipeline decodes a batch of rows at once (--prompts_file, --serve), each
+row its own sequence with its own exits, drafts and sampling generator: a row's output is
+the one it has alone. The server decodes concurrent requests together, a free row taking
+the next queued prompt at every step.
 
 Any method runs with --layer_parallel=[start,end): those blocks run in side-by-side pairs
 (model.Block), which at tp=2 halves the all-reduces of the span; a checkpoint tuned for
@@ -26,7 +32,7 @@ import time
 
 from checkpoint import load_model, tokenizer
 from configurator import check, configure, run, snapshot
-from decode import Decoder, generate, generate_pipelined
+from decode import Decoder, Job, generate, generate_many, generate_pipelined, run_jobs
 from model import DTYPES
 from parallel import ParallelState, init_distributed
 
@@ -36,6 +42,8 @@ device = 'cpu'
 dtype = None                    # decode in 'float32', 'bfloat16' or 'float16'; None: bfloat16 on CUDA, else float32
 prompt = '\n'
 prompt_file = None
+prompts_file = None             # EE-LLM's prompt file: one {"text": ...} per line, batch_size of them decoding at once
+batch_size = 8                  # rows decoded at once (prompts_file, serve); a finished row takes the next prompt
 prompt_ids = None               # a list of token ids, for checkpoints without a tokenizer
 max_new_tokens = 200
 temperature = 0.0               # 0: greedy
@@ -60,7 +68,7 @@ host = '127.0.0.1'              # the server's address ('0.0.0.0': every interfa
 port = 5000
 # -----------------------------------------------------------------------------
 DEFAULTS = snapshot(globals())
-TYPES = dict(dtype=str, prompt_file=str, prompt_ids=tuple, top_k=int, top_p=float, early_exit_thres=float, exit_layers=tuple,
+TYPES = dict(dtype=str, prompt_file=str, prompts_file=str, prompt_ids=tuple, top_k=int, top_p=float, early_exit_thres=float, exit_layers=tuple,
              spec_exit=int, layer_parallel=tuple)
 # the ranges of the sampling keys, shared by the command line and the server (its field names)
 SAMPLING = {
@@ -72,6 +80,7 @@ SAMPLING = {
     'early_exit_thres': (float, lambda v: 0 <= v <= 1, 'a number in [0, 1] (a max probability)'),
     'spec_k': (int, lambda v: 1 <= v <= 64, 'an int in 1..64 (tokens drafted per verification)'),
     'dtype': (str, lambda v: v in DTYPES, "'float32', 'bfloat16' or 'float16'"),
+    'batch_size': (int, lambda v: 1 <= v <= 4096, 'an int in 1..4096'),
 }
 
 
@@ -105,9 +114,10 @@ FIELDS = {  # name: (types, check, what is allowed)
 }
 
 
-def api_request(model, encode, decode, body, eot=None, decoder=None):
-    """One /api request (raw bytes) -> (HTTP status, response dict). Bad input is a 400
-    whose message names the field and what is allowed. decoder: the model's Decoder to reuse."""
+def read_request(model, encode, body):
+    """One /api request (raw bytes) -> (request dict, prompts' token ids), or an error as
+    (HTTP status, response dict): bad input is a 400 whose message names the field and what
+    is allowed."""
     try:
         req = _json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
@@ -134,39 +144,93 @@ def api_request(model, encode, decode, body, eot=None, decoder=None):
     bad = [L for L in req.get('exit_layers', []) if L not in cfg.exit_layers]
     if bad:
         return 400, {'error': f'exit_layers={bad} are not exits of this model; allowed: {list(cfg.exit_layers)}'}
-    n = req.get('tokens_to_generate', 64)
-    texts, segments, logprobs, max_probs = [], [], [], []
-    for prompt in req['prompts']:
-        ids = encode(prompt)
-        if len(ids) + n > cfg.block_size:
-            return 400, {'error': f'prompts: a prompt of {len(ids)} tokens + tokens_to_generate={n} exceeds '
+    n, ids = req.get('tokens_to_generate', 64), [encode(p) for p in req['prompts']]
+    for p in ids:
+        if len(p) + n > cfg.block_size:
+            return 400, {'error': f'prompts: a prompt of {len(p)} tokens + tokens_to_generate={n} exceeds '
                                   f'the model\'s block_size={cfg.block_size}'}
-        top_k = req.get('top_k', 0)
-        out = generate(model, ids, n, 'recompute', req.get('early_exit_thres', 1.0) if req.get('use_early_exit')
-                       else None, [cfg.exit_index(L) for L in req['exit_layers']] if req.get('exit_layers') else None,
-                       temperature=0.0 if top_k == 1 else req.get('temperature', 0.0), top_k=top_k or None,
-                       top_p=req.get('top_p') or None, seed=req.get('random_seed'), stop=eot, decoder=decoder) if n else \
-            {'tokens': [], 'logprobs': [], 'max_probs': []}
-        shown = ids + out['tokens'] if req.get('echo_prompts', True) else out['tokens']
+    return req, ids
+
+
+def request_jobs(model, req, ids, eot, on_done):
+    """The request's prompts as decode.Jobs (EE-LLM's fields: recompute early exit; top_k 1
+    is greedy; prompt i samples from random_seed + i)."""
+    cfg, top_k, seed = model.config, req.get('top_k', 0), req.get('random_seed')
+    thres = req.get('early_exit_thres', 1.0) if req.get('use_early_exit') else None
+    allowed = [cfg.exit_index(L) for L in req['exit_layers']] if req.get('exit_layers') else None
+    return [Job(cfg, next(model.parameters()).device, p, req.get('tokens_to_generate', 64), thres, allowed,
+                0.0 if top_k == 1 else req.get('temperature', 0.0), top_k or None, req.get('top_p') or None,
+                None if seed is None else seed + i, eot, on_done=on_done) for i, p in enumerate(ids)]
+
+
+def response(req, ids, jobs, decode):
+    """The /api answer for a request's finished jobs."""
+    texts, segments, logprobs, max_probs = [], [], [], []
+    for p, job in zip(ids, jobs):
+        shown = p + job.out['tokens'] if req.get('echo_prompts', True) else job.out['tokens']
         texts.append(decode(shown))
         segments.append([decode([t]) for t in shown])
-        logprobs.append(out['logprobs'])
-        max_probs.append([{str(d): p for d, p in probs.items()} for probs in out['max_probs']])
+        logprobs.append(job.out['logprobs'])
+        max_probs.append([{str(d): p for d, p in probs.items()} for probs in job.out['max_probs']])
     resp = {'text': texts, 'segments': segments, 'logprobs': logprobs if req.get('logprobs') else None}
     if req.get('print_max_prob'):
         resp['max_probs'] = max_probs
-    return 200, resp
+    return resp
+
+
+class Batcher:
+    """The server's decoding loop, on its own thread: requests queue their jobs, and every
+    decoding step admits queued jobs into the decoder's free rows (decode.run_jobs), so that
+    concurrent requests decode together and a short one never waits for a long one to end.
+    The cache holds block_size positions per row, the longest a request may ask for."""
+
+    def __init__(self, decoder):
+        import queue
+        import threading
+        self.dec, self.queue = decoder, queue.Queue()
+        decoder.reserve(decoder.cfg.block_size)
+        threading.Thread(target=self.loop, daemon=True).start()
+
+    def submit(self, jobs):
+        """Queue jobs and wait until each is over; a failure in the loop is raised here."""
+        for job in jobs:
+            self.queue.put(job)
+        for job in jobs:
+            job.finished.wait()
+            if job.error is not None:
+                raise job.error
+
+    def loop(self):
+        while True:
+            waiting, taken = [self.queue.get()], []  # (idle until a job comes)
+
+            def take():
+                job = waiting.pop() if waiting else None if self.queue.empty() else self.queue.get_nowait()
+                taken.append(job)
+                return job
+            try:
+                run_jobs(self.dec, take, 'recompute')
+            except Exception as e:  # every job in hand fails, and the loop goes on
+                for job in taken:
+                    if job is not None and not job.finished.is_set():
+                        job.error = e
+                        job.finished.set()
+                for r in range(self.dec.B):
+                    self.dec.free(r)
 
 
 def make_server(model, encode, decode, port, eot=None, decoder=None, host='127.0.0.1', timeout=TIMEOUT_S):
     """The HTTP server: each connection is read on its own thread (a slow or idle client holds
-    only its own, and is dropped after `timeout` seconds of silence); the decoding itself runs
-    one request at a time under a lock, with at most MAX_WAITING requests waiting (503 past
-    that). One decoder (its cache and CUDA graphs) serves every request."""
+    only its own, and is dropped after `timeout` seconds of silence); its prompts decode in
+    the Batcher's rows beside every other request's, with at most MAX_WAITING requests in
+    the server at once (503 past that). One decoder (its batch of rows, cache and CUDA
+    graphs) serves every request."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    decoder = decoder or Decoder(model)
-    lock, seats = threading.Lock(), threading.BoundedSemaphore(MAX_WAITING)
+    batcher, seats = Batcher(decoder or Decoder(model, batch_size=8)), threading.BoundedSemaphore(MAX_WAITING)
+
+    def done(job):
+        job.finished.set()
 
     class Handler(BaseHTTPRequestHandler):
         def do_PUT(self):
@@ -179,11 +243,17 @@ def make_server(model, encode, decode, port, eot=None, decoder=None, host='127.0
             body = self.rfile.read(int(size))
             if len(body) < int(size):
                 return self.reply(400, {'error': f'the body ended after {len(body)} of {size} bytes'}, close=True)
+            req, ids = read_request(model, encode, body)
+            if not isinstance(req, dict):
+                return self.reply(req, ids)
             if not seats.acquire(blocking=False):
                 return self.reply(503, {'error': f'{MAX_WAITING} requests are already waiting; try again later'})
             try:
-                with lock:
-                    self.reply(*api_request(model, encode, decode, body, eot, decoder))
+                jobs = request_jobs(model, req, ids, eot, done)
+                for job in jobs:
+                    job.finished, job.error = threading.Event(), None
+                batcher.submit(jobs)
+                self.reply(200, response(req, ids, jobs, decode))
             except Exception as e:  # keep serving whatever one request does
                 self.reply(500, {'error': f'{type(e).__name__}: {e}'})
             finally:
@@ -209,7 +279,7 @@ def make_server(model, encode, decode, port, eot=None, decoder=None, host='127.0
             print(f'{client_address[0]}:{client_address[1]}: connection dropped ({sys.exc_info()[1]!r})')
 
     server = Server((host, port), Handler)
-    print(f'serving PUT http://{host}:{server.server_port}/api')
+    print(f'serving PUT http://{host}:{server.server_port}/api, {batcher.dec.B} rows')
     return server
 
 
@@ -217,6 +287,56 @@ def make_server(model, encode, decode, port, eot=None, decoder=None, host='127.0
 # the command line
 
 COLOURS = ['\033[41m', '\033[43m', '\033[42m', '\033[46m', '\033[44m', '\033[45m']  # by exit, then final: none
+
+
+def exits(cfg, mc):
+    """The exit_layers and spec_exit keys as exit indices (None: all exits; no drafting exit)."""
+    try:
+        allowed = None if cfg['exit_layers'] is None else [mc.exit_index(L) for L in cfg['exit_layers']]
+        spec_exit = None if cfg['spec_exit'] is None else mc.exit_index(cfg['spec_exit'])
+    except ValueError as e:
+        sys.exit(str(e))
+    if cfg['method'] == 'speculative' and spec_exit is None:
+        sys.exit(f'method=speculative needs --spec_exit=L, one of {list(mc.exit_layers)}')
+    return allowed, spec_exit
+
+
+def many(cfg, model, encode, decode, decoder, eot):
+    """Every prompt of prompts_file (EE-LLM's format: one {"text": ...} per line), batch_size
+    rows at once: each completion is printed as it ends; with json, one last line of the
+    results in prompt order and the throughput."""
+    mc, prompts = model.config, []
+    with open(cfg['prompts_file']) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    text = _json.loads(line)['text']
+                    assert isinstance(text, str) and text
+                except (ValueError, KeyError, TypeError, AssertionError):
+                    sys.exit(f'{cfg["prompts_file"]}:{i}: not a JSON object with a non-empty "text" string: {line[:80]!r}')
+                prompts.append(encode(text))
+    if not prompts:
+        sys.exit(f'{cfg["prompts_file"]} holds no prompts')
+    allowed, spec_exit = exits(cfg, mc)
+    layer = {x.depth: x.layer for x in mc.exits} | {mc.n_layer: mc.n_layer}  # depth -> EE-LLM layer number
+    n_done = [0]
+
+    def finished(i, out):
+        n_done[0] += 1
+        print(f'--- [{i}] ({n_done[0]}/{len(prompts)}, {len(out["tokens"])} tokens)\n{decode(prompts[i] + out["tokens"])}',
+              flush=True)
+
+    t0 = time.time()
+    outs = generate_many(model, prompts, cfg['max_new_tokens'], cfg['method'], cfg['early_exit_thres'], allowed,
+                         spec_exit, cfg['spec_k'], cfg['temperature'], cfg['top_k'], cfg['top_p'], cfg['seed'], eot,
+                         decoder=decoder, on_done=finished)
+    dt = time.time() - t0
+    n = sum(len(o['tokens']) for o in outs)
+    print(f'---\n{len(prompts)} prompts, {n} tokens in {dt:.2f} s: {n / dt:.1f} tokens/s over {decoder.B} rows')
+    if cfg['json']:
+        print(_json.dumps({'results': [{'tokens': o['tokens'], 'exit_layers': [layer[d] for d in o['depths']],
+                                        'text': decode(o['tokens'])} for o in outs], 'tokens_per_s': n / dt}))
+    return outs
 
 
 def main(args):
@@ -239,7 +359,11 @@ def main(args):
         if cfg['prompt_ids'] is None or cfg['serve']:
             sys.exit(f'the tokenizer of {cfg["out_dir"]} does not load: {type(e).__name__}: {e}; give --prompt_ids')
         encode = decode = None  # token ids in, token ids out
-    if cfg['prompt_ids'] is not None:
+    if cfg['prompts_file'] and not cfg['serve']:
+        if encode is None or cfg['method'] == 'pipeline' or ps.pp > 1:
+            sys.exit('prompts_file needs a checkpoint that names a tokenizer, and a method other than pipeline')
+        ids = [0]
+    elif cfg['prompt_ids'] is not None:
         ids = list(cfg['prompt_ids'])
     else:
         text = open(cfg['prompt_file']).read() if cfg['prompt_file'] else cfg['prompt']
@@ -250,18 +374,15 @@ def main(args):
     if not ids or bad:
         sys.exit(f'prompt ids must be 1 or more ints in 0..{mc.vocab_size - 1}; got {bad or "none"}')
     eot = (ckpt.meta.get('data') or {}).get('eot_token')
-    decoder = Decoder(model, cfg['graphs'], cfg['compile'])
+    decoder = Decoder(model, cfg['graphs'], cfg['compile'], cfg['batch_size'] if cfg['serve'] or cfg['prompts_file']
+                      else 1)
     if cfg['serve']:
         if encode is None or ps.world > 1:
             sys.exit('serve needs a checkpoint that names a tokenizer (bytes, gpt2 or a tokenizer.json), in one process')
         make_server(model, encode, decode, cfg['port'], eot, decoder, cfg['host']).serve_forever()
-    try:
-        allowed = None if cfg['exit_layers'] is None else [mc.exit_index(L) for L in cfg['exit_layers']]
-        spec_exit = None if cfg['spec_exit'] is None else mc.exit_index(cfg['spec_exit'])
-    except ValueError as e:
-        sys.exit(str(e))
-    if cfg['method'] == 'speculative' and spec_exit is None:
-        sys.exit(f'method=speculative needs --spec_exit=L, one of {list(mc.exit_layers)}')
+    if cfg['prompts_file']:
+        return many(cfg, model, encode, decode, decoder, eot)
+    allowed, spec_exit = exits(cfg, mc)
     depth_name = mc.head_names
     colour = {d: COLOURS[i % len(COLOURS)] for i, d in enumerate(mc.exit_depths)}
 

@@ -178,8 +178,10 @@ def rope_table(cfg, device=None):
 
 
 def apply_rope(x, cos, sin):
-    # x (B, nh, T, hd); cos, sin (T, hd/2). Rotates the two halves of each head
-    # (the Hugging Face Llama layout, so its checkpoints load without permutation).
+    # x (B, nh, T, hd); cos, sin (T, hd/2), or (B, T, hd/2) for positions per row. Rotates the
+    # two halves of each head (the Hugging Face Llama layout: its checkpoints load unpermuted).
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
@@ -187,7 +189,8 @@ def apply_rope(x, cos, sin):
 
 class KVCache:
     """The static KV cache of one attention layer: keys and values (B, n_kv_head, max_len, hd)
-    of every position written so far; update() writes a chunk at its positions."""
+    of every position written so far; update() writes a chunk at its positions, the same for
+    every row or one set per row."""
 
     def __init__(self, batch_size, n_kv_head, max_len, head_dim, dtype, device):
         shape = (batch_size, n_kv_head, max_len, head_dim)
@@ -195,10 +198,22 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def update(self, input_pos, k, v):
-        """Write k, v (B, nkv, T, hd) at positions input_pos (T,); returns the whole cache."""
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        """Write k, v (B, nkv, T, hd) at positions input_pos, (T,) or (B, T); returns the whole cache."""
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        if input_pos.dim() == 1:
+            self.k.index_copy_(2, input_pos, k)
+            self.v.index_copy_(2, input_pos, v)
+        else:  # row b's chunk at its own positions input_pos[b]
+            row = torch.arange(k.size(0), device=k.device)[:, None]             # (B, 1)
+            self.k[row, :, input_pos] = k.transpose(1, 2)                        # (B, T, nkv, hd)
+            self.v[row, :, input_pos] = v.transpose(1, 2)
         return self.k.to(k.dtype), self.v.to(v.dtype)
+
+    def row(self, b):
+        """The cache of row b alone (batch 1), sharing this one's memory."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[b:b + 1], self.v[b:b + 1]
+        return view
 
     def bytes_per_position(self):
         return 2 * self.k[:, :, 0].numel() * self.k.element_size()
@@ -232,7 +247,8 @@ class Attention(nn.Module):
             mask, causal = None, True
         else:  # static cache: write this chunk at its positions, attend to everything before
             k, v = self.cache.update(input_pos, k, v)                            # (B, nkv, S, hd)
-            mask = input_pos[:, None] >= torch.arange(k.size(2), device=x.device)  # (T, S)
+            mask = input_pos[..., None] >= torch.arange(k.size(2), device=x.device)  # (T, S) or (B, T, S)
+            mask = mask[:, None] if mask.dim() == 3 else mask                     # (B, 1, T, S): each row its own
             causal = False  # query and key lengths differ: an explicit mask, never is_causal
         if self.n_kv_head != self.n_head:  # grouped-query attention: share each kv head
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
@@ -411,8 +427,8 @@ class GPT(nn.Module):
     # -- KV cache ------------------------------------------------------------
     def setup_cache(self, batch_size, max_len, dtype=None, device=None):
         """A fresh static KV cache of max_len positions in every attention layer (exits with a
-        block included). Returns the caches, in module order, for use_cache to put back."""
-        assert max_len <= self.config.block_size, f'max_len={max_len} > block_size={self.config.block_size}'
+        block included). Returns the caches, in module order, for use_cache to put back.
+        (The positions written, not the cache's length, are bounded by block_size.)"""
         dtype = dtype or next(self.parameters()).dtype
         device = device or next(self.parameters()).device
         caches = [KVCache(batch_size, m.n_kv_head, max_len, m.head_dim, dtype, device)
@@ -434,8 +450,8 @@ class GPT(nn.Module):
         assert not self.ps.sp or T % self.ps.tp == 0, f'sp: sequence length {T} is not divisible by tp={self.ps.tp}'
         pos = torch.arange(T, device=idx.device) if input_pos is None else input_pos
         x = self.wte(idx)                  # (B, T, C), or (B, T/tp, C) under sequence parallelism
-        if self.wpe is not None:
-            x = x + self.wpe(seq_shard(pos[None], self.ps))
+        if self.wpe is not None:  # (positions (T,) for every row, or (B, T) one set per row)
+            x = x + self.wpe(seq_shard(pos if pos.dim() == 2 else pos[None], self.ps))
         return self.drop(x), pos
 
     def rope(self, pos):

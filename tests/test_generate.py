@@ -271,8 +271,9 @@ def test_cuda_graph_decoding_equals_eager(v, compile):
 
 def test_bench_early_exit_decode_runs_tiny_on_cpu():
     import bench
-    out = bench.main(['--mode=decode', '--shape=tiny', '--device=cpu', '--exit_layers=[1]', '--batch=[1]',
+    out = bench.main(['--mode=decode', '--shape=tiny', '--device=cpu', '--exit_layers=[1]', '--batch=[1,3]',
                       '--prompt_len=8', '--new_tokens=4', '--exit_rates=[0,0.5]'])
-    steps = [r['step'] for r in out['runs']]
-    assert steps == ['eager', 'decoder', 'decoder, 0% exit at 1', 'decoder, 50% exit at 1'], steps
-    assert all(r['speedup_vs_decoder'] > 0 for r in out['runs'][2:])
+    kinds = ['eager', 'decoder', 'decoder, 0% exit at 1', 'decoder, 50% exit at 1',
+             'speculative from 1, 3 of 4 drafts kept']
+    assert [(r['batch'], r['step']) for r in out['runs']] == [(b, k) for b in (1, 3) for k in kinds]
+    assert all(r['speedup_vs_decoder'] > 0 for r in out['runs'] if r['step'] not in kinds[:2])

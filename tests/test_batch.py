@@ -1,0 +1,182 @@
+"""Batched decoding: every row equals its own batch-1 run and the naive no-cache reference."""
+
+import pytest
+import torch
+
+import decode
+from model import GPT, GPTConfig
+from test_generate import VARIANTS, naive, peaked_model
+
+PROMPTS = [[5, 17, 3, 42, 8, 8, 1], [9], [30, 2, 2, 7]]  # ragged: 7, 1 and 4 tokens
+
+
+@pytest.mark.parametrize('v', VARIANTS, ids=['gpt2-exit_block', 'llama-exit_mlp'])
+def test_batched_full_and_recompute_equal_each_row_alone(v):
+    model = peaked_model(v)
+    mixed = 0
+    for thres in (None, 0.3, 0.6, 0.9):
+        method = 'full' if thres is None else 'recompute'
+        outs = decode.generate_many(model, PROMPTS, 18, method, thres=thres, batch_size=3)
+        for p, out in zip(PROMPTS, outs):
+            alone = decode.generate(model, p, 18, method, thres=thres)
+            want, want_depths = naive(model, p, 18, thres)
+            assert out['tokens'] == alone['tokens'] == want, (thres, p)
+            assert out['depths'] == alone['depths'] == want_depths, (thres, p)
+            mixed += len(set(want_depths)) > 1
+    assert mixed >= 3  # rows leave at several depths: each row's pending deep KV is exercised
+
+
+@pytest.mark.parametrize('v', VARIANTS, ids=['gpt2-exit_block', 'llama-exit_mlp'])
+def test_batched_speculative_equals_full_greedy(v):
+    model = peaked_model(v)
+    wants = [naive(model, p, 21)[0] for p in PROMPTS]
+    rejected = 0
+    for spec_exit in (0, 2):
+        for k in (2, 5):
+            outs = decode.generate_many(model, PROMPTS, 21, 'speculative', spec_exit=spec_exit, spec_k=k,
+                                        batch_size=3)
+            for p, out, want in zip(PROMPTS, outs, wants):
+                assert out['tokens'] == want, (spec_exit, k, p)
+                alone = decode.generate(model, p, 21, 'speculative', spec_exit=spec_exit, spec_k=k)
+                assert (out['accepted'], out['drafted']) == (alone['accepted'], alone['drafted'])
+                rejected += out['accepted'] < out['drafted']
+    assert rejected >= 3  # rows roll back at their own positions
+
+
+def test_refilled_row_decodes_as_alone():
+    """Five prompts of different lengths through two rows: rows finish at different times
+    (stop tokens, lengths) and take the next prompt while the other row goes on."""
+    model = peaked_model(VARIANTS[1])
+    prompts = PROMPTS + [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [44, 3]]
+    for method, kw in (('recompute', dict(thres=0.6)), ('speculative', dict(spec_exit=1, spec_k=3))):
+        alone = [decode.generate(model, p, 12, method, **kw) for p in prompts]
+        stop = alone[0]['tokens'][4]  # a token that ends some sequences early
+        alone = [decode.generate(model, p, 12, method, stop=stop, **kw) for p in prompts]
+        assert len({len(a['tokens']) for a in alone}) > 1
+        dec = decode.Decoder(model, batch_size=2)
+        for _ in range(2):  # and again with the same decoder
+            outs = decode.generate_many(model, prompts, 12, method, stop=stop, decoder=dec, **kw)
+            assert [o['tokens'] for o in outs] == [a['tokens'] for a in alone], method
+            assert [o['depths'] for o in outs] == [a['depths'] for a in alone], method
+
+
+def test_sampling_rows_are_independent_of_batch_mates():
+    model = peaked_model(VARIANTS[1])
+    for method, kw in (('full', {}), ('recompute', dict(thres=0.5)), ('speculative', dict(spec_exit=0, spec_k=3))):
+        sample = dict(temperature=1.3, top_k=20, seed=11, **kw)
+        outs = decode.generate_many(model, PROMPTS, 15, method, batch_size=3, **sample)
+        alone = [decode.generate(model, p, 15, method, **dict(sample, seed=11 + i)) for i, p in enumerate(PROMPTS)]
+        assert [o['tokens'] for o in outs] == [a['tokens'] for a in alone], method
+        other = decode.generate_many(model, [PROMPTS[0], [3, 3, 3], [50]], 15, method, batch_size=3, **sample)
+        assert other[0]['tokens'] == outs[0]['tokens'], method  # the same row with other mates
+        greedy = decode.generate(model, PROMPTS[0], 15, method, **kw)['tokens']
+        assert outs[0]['tokens'] != greedy  # (it did sample)
+
+
+def test_cache_too_small_for_a_new_row_is_named():
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, vocab_size=20, block_size=1024)).eval()
+    dec = decode.Decoder(model, batch_size=2)
+    dec.start([1, 2, 3], 10, row=0)
+    with pytest.raises(ValueError, match=r'larger cache than the 256 reserved, while rows \[0\] decode'):
+        dec.start([1, 2, 3], 300, row=1)
+    dec.free(0)
+    dec.start([1, 2, 3], 300, row=1)  # all rows idle: the cache grows
+    assert dec.max_len == 512
+
+
+# -- the command line and the server -------------------------------------------------------
+
+def test_cli_prompts_file(tmp_path, capsys):
+    import json
+    import checkpoint
+    import generate
+    import train
+    from parallel import LOCAL, GradSync
+    model = peaked_model(dict(arch='llama', exit_layers=(2,), exit_norm=True, exit_untie=True, vocab_size=256))
+    model.float()
+    GradSync(model.parameters(), LOCAL)
+    checkpoint.save_checkpoint(str(tmp_path), model, train.make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 'cpu'), {},
+                               0, 0.0, data={'tokenizer': 'bytes', 'eot_token': None})
+    texts = ['def f(x):', 'a', 'import os\nimport sys', 'x = [1, 2', 'class A:']
+    (tmp_path / 'prompts.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in texts))
+    generate.main([f'--out_dir={tmp_path}', f'--prompts_file={tmp_path / "prompts.jsonl"}', '--batch_size=2',
+                   '--max_new_tokens=9', '--early_exit_thres=0.5', '--json'])
+    lines = capsys.readouterr().out.strip().splitlines()
+    got = json.loads(lines[-1])
+    assert got['tokens_per_s'] > 0 and len(got['results']) == len(texts)
+    encode, decode_text = checkpoint.tokenizer({'data': {'tokenizer': 'bytes'}})
+    for t, r in zip(texts, got['results']):
+        alone = decode.generate(model, encode(t), 9, 'recompute', thres=0.5)
+        assert r['tokens'] == alone['tokens'] and r['text'] == decode_text(alone['tokens'])
+        assert r['exit_layers'] == alone['depths']  # (exit_pre off: an exit's layer number is its depth)
+    assert sum(line.startswith('--- [') for line in lines) == len(texts)
+    (tmp_path / 'bad.jsonl').write_text('{"text": "ok"}\n{"txt": 1}\n')
+    with pytest.raises(SystemExit, match='bad.jsonl:2: not a JSON object'):
+        generate.main([f'--out_dir={tmp_path}', f'--prompts_file={tmp_path / "bad.jsonl"}'])
+
+
+def test_server_batches_concurrent_requests():
+    import http.client
+    import json
+    import socket
+    import threading
+    import time
+    import checkpoint
+    import generate
+    model = peaked_model(dict(arch='llama', exit_layers=(2,), exit_norm=True, exit_untie=True, vocab_size=256))
+    encode, decode_text = checkpoint.tokenizer({'data': {'tokenizer': 'bytes'}})
+    dec = decode.Decoder(model, batch_size=4)
+    srv = generate.make_server(model, encode, decode_text, 0, decoder=dec, timeout=5)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_port
+
+    def put(body):
+        conn = http.client.HTTPConnection('127.0.0.1', port, timeout=60)
+        data = json.dumps(body).encode()
+        conn.request('PUT', '/api', body=data, headers={'Content-Length': str(len(data))})
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+
+    bodies = [{'prompts': [f'x = {i}', 'def'][:1 + i % 2], 'tokens_to_generate': 3 + 2 * i, 'use_early_exit': True,
+               'early_exit_thres': 0.4 + 0.1 * (i % 3), 'temperature': 1.0 if i % 3 == 0 else 0.0,
+               'random_seed': i} for i in range(7)]
+    sequential = [put(b) for b in bodies]
+    results, finished = {}, []
+
+    def client(i):
+        results[i] = put(bodies[i])
+        finished.append(i)
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert all(results[i] == sequential[i] and sequential[i][0] == 200 for i in range(len(bodies)))
+    for i, b in enumerate(bodies):  # and the library's answer, prompt by prompt
+        for j, p in enumerate(b['prompts']):
+            alone = decode.generate(model, encode(p), b['tokens_to_generate'], 'recompute', b['early_exit_thres'],
+                                    temperature=b['temperature'], seed=i + j)
+            assert sequential[i][1]['text'][j] == decode_text(encode(p) + alone['tokens'])
+    # a short request sent while a long one decodes ends first
+    finished.clear()
+
+    def timed(name, body):
+        results[name] = put(body)
+        finished.append(name)
+    long = threading.Thread(target=timed, args=('long', {'prompts': ['long'], 'tokens_to_generate': 58}))
+    short = threading.Thread(target=timed, args=('short', {'prompts': ['s'], 'tokens_to_generate': 2}))
+    long.start()
+    while not any(t is not None and len(t) > 5 for t in dec.tokens):  # the long one is decoding
+        time.sleep(0.001)
+    short.start()
+    long.join(timeout=120)
+    short.join(timeout=120)
+    assert finished == ['short', 'long'] and results['long'][0] == results['short'][0] == 200
+    # a client that sends a request and hangs up before the answer: the others go on
+    s = socket.create_connection(('127.0.0.1', port), timeout=20)
+    data = json.dumps({'prompts': ['gone'], 'tokens_to_generate': 20}).encode()
+    s.sendall(b'PUT /api HTTP/1.1\r\nContent-Length: %d\r\n\r\n' % len(data) + data)
+    s.close()
+    assert put(bodies[1]) == sequential[1]
+    srv.shutdown()
+    srv.server_close()
