@@ -30,6 +30,10 @@ ms_per_step is per token (a round over the tokens it yields).
 
     python bench.py --mode=decode --shape=7b --compile=True --exit_layers=[16] --batch=[1,8] --exit_rates=[0,0.5]
 
+Serving: generate.py's server under concurrent clients (requests/s, tokens/s, against one):
+
+    python bench.py --mode=serve --shape=7b --compile=True --clients=[1,16] --new_tokens=64
+
 Reports ms per step, tokens/s and the memory-bandwidth floor: the bytes a step must read
 (this rank's weights but the embedding, plus the KV cache) over the copy bandwidth
 measured in the same run; 'of_bound' is that floor over the measured step time.
@@ -61,7 +65,7 @@ SHAPES = {  # GPT-2 family shapes (vocab padded to 50304); '1b' is GPT-2 XL's wi
                block_size=4096),  # Llama 2 7B
 }
 
-mode = 'train'                 # 'train' or 'decode'
+mode = 'train'                 # 'train', 'decode' or 'serve'
 shape = '124m'
 arch = 'gpt2'                  # (a shape may set its own)
 exit_layers = ()
@@ -85,6 +89,9 @@ exit_rates = (0.0, 0.5)        # with exit_layers: shares of tokens forced to le
 spec_k = 4                     # with exit_layers: self-speculation from the first exit, drafts per round,
 spec_accepted = 3              # of which each row keeps this many (then the full model's token)
 new_tokens = 64                # decode steps per timing; the median of 5 is reported
+# serve
+clients = (1, 16)              # concurrent clients, one run each (the server has as many rows as the most)
+requests = 4                   # requests per client, one after another
 profile = ''                   # a folder: also write there each timed kind's kernels (torch.profiler), CUDA only
 DEFAULTS = snapshot(globals())
 
@@ -287,6 +294,60 @@ def decode(cfg_b, ps, dev):
     return results
 
 
+def serve_load(cfg_b, ps, dev):
+    """generate.py's server (its Batcher, batch rows = the most clients) under N concurrent
+    clients, each sending `requests` requests one after another (prompt_len bytes, new_tokens
+    greedy tokens each, no early exit): requests/s and generated tokens/s, against one client."""
+    import http.client
+    import threading
+    import generate
+    mcfg = GPTConfig(**dict(dict(arch=cfg_b['arch'], exit_layers=cfg_b['exit_layers']), **SHAPES[cfg_b['shape']]))
+    with torch.device('meta'):
+        model = GPT(mcfg, ps)
+    model.to_empty(device=dev)
+    model.init_weights()
+    model.to(DTYPES[cfg_b['dtype']]).eval()
+    encode = lambda text: list(text.encode())  # bytes as token ids
+    decode_text = lambda ids: bytes(i % 256 for i in ids).decode('utf-8', 'replace')
+    P, N, rows = cfg_b['prompt_len'], cfg_b['new_tokens'], max(cfg_b['clients'])
+    dec = Decoder(model, graphs=dev.startswith('cuda'), compile=cfg_b['compile'], batch_size=rows)
+    srv = generate.make_server(model, encode, decode_text, 0, decoder=dec, max_len=P + N + 8)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+
+    def client(c, n):
+        for i in range(n):
+            body = json.dumps({'prompts': [f'{c:04d}{i:04d}'.ljust(P, 'x')], 'tokens_to_generate': N}).encode()
+            conn = http.client.HTTPConnection('127.0.0.1', srv.server_port, timeout=600)
+            conn.request('PUT', '/api', body=body, headers={'Content-Length': str(len(body))})
+            assert conn.getresponse().status == 200
+
+    def load(n_clients, n):
+        threads = [threading.Thread(target=client, args=(c, n)) for c in range(n_clients)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return time.perf_counter() - t0
+
+    load(rows, 1)  # warm-up: compilation and CUDA graphs
+    results = []
+    for n_clients in cfg_b['clients']:
+        dt = load(n_clients, cfg_b['requests'])
+        n_req = n_clients * cfg_b['requests']
+        r = {'mode': 'serve', 'shape': cfg_b['shape'], 'dtype': cfg_b['dtype'], 'rows': rows, 'clients': n_clients,
+             'requests': n_req, 'new_tokens': N, 's': round(dt, 2), 'requests_per_s': round(n_req / dt, 2),
+             'tokens_per_s': round(n_req * N / dt, 1),
+             'device': torch.cuda.get_device_name(dev) if dev.startswith('cuda') else 'cpu'}
+        results.append(r)
+        print(json.dumps(r))
+    for r in results:
+        r['speedup_vs_one_client'] = round(r['tokens_per_s'] / results[0]['tokens_per_s'], 2)
+    srv.shutdown()
+    srv.server_close()
+    return results
+
+
 def training(cfg_b, ps, dev):
     mcfg = GPTConfig(**dict(dict(arch=cfg_b['arch'], exit_layers=cfg_b['exit_layers']), **SHAPES[cfg_b['shape']]))
     cuda = dev.startswith('cuda')
@@ -356,11 +417,12 @@ def training(cfg_b, ps, dev):
 
 def main(args):
     cfg_b = configure(DEFAULTS, args)
-    if cfg_b['mode'] not in ('train', 'decode'):
-        raise ValueError(f"mode={cfg_b['mode']!r}; allowed: 'train', 'decode'")
+    modes = {'train': training, 'decode': decode, 'serve': serve_load}
+    if cfg_b['mode'] not in modes:
+        raise ValueError(f"mode={cfg_b['mode']!r}; allowed: {', '.join(map(repr, modes))}")
     dev = init_distributed(cfg_b['device'])
     ps = ParallelState(cfg_b['tp'], cfg_b['pp'], cfg_b['sp'])
-    summary = {'runs': (decode if cfg_b['mode'] == 'decode' else training)(cfg_b, ps, dev)}
+    summary = {'runs': modes[cfg_b['mode']](cfg_b, ps, dev)}
     if ps.is_main:
         print(json.dumps(summary))
     return summary

@@ -175,6 +175,7 @@ class Decoder:
             self.arange = torch.arange(size, device=self.device)
             self.max_len = self.spare = size
 
+    @torch.no_grad()
     def start(self, prompt, n, h=None, row=0):
         """A new sequence of at most n positions in row `row`: the prompt but its last token
         through this stage's blocks (h (1, len(prompt) - 1, C): their hidden states from the
@@ -250,6 +251,7 @@ class Decoder:
         graph.replay()
         return outs
 
+    @torch.no_grad()
     def verify(self, d, k, rows):
         """Self-speculation's check, for each of `rows`: blocks d.. and the final head for the
         last committed token and the k - 1 drafted after it (the drafting left their KV below
@@ -261,6 +263,7 @@ class Decoder:
             self.done[r][n - 1:] = [L] * k
         return self.run(d, L, 'final', chunks, rows=k)
 
+    @torch.no_grad()
     def step(self, rules, stop_depth=None, h=None, decided=False):
         """Process the last token of each row in rules {row: (allowed exits (indices), thres,
         pick)} through this stage, bringing every pending position along; at each allowed

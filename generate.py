@@ -66,10 +66,11 @@ compile = False                 # torch.compile each block and head first (slow 
 serve = False                   # answer PUT /api (EE-LLM's request fields) instead of one prompt
 host = '127.0.0.1'              # the server's address ('0.0.0.0': every interface; it has no authentication)
 port = 5000
+max_len = None                  # the server's positions per row (prompt + tokens to generate); None: block_size
 # -----------------------------------------------------------------------------
 DEFAULTS = snapshot(globals())
 TYPES = dict(dtype=str, prompt_file=str, prompts_file=str, prompt_ids=tuple, top_k=int, top_p=float, early_exit_thres=float, exit_layers=tuple,
-             spec_exit=int, layer_parallel=tuple)
+             spec_exit=int, layer_parallel=tuple, max_len=int)
 # the ranges of the sampling keys, shared by the command line and the server (its field names)
 SAMPLING = {
     'max_new_tokens': (int, lambda v: 1 <= v <= 1 << 20, 'an int >= 1'),
@@ -114,7 +115,7 @@ FIELDS = {  # name: (types, check, what is allowed)
 }
 
 
-def read_request(model, encode, body):
+def read_request(model, encode, body, max_len):
     """One /api request (raw bytes) -> (request dict, prompts' token ids), or an error as
     (HTTP status, response dict): bad input is a 400 whose message names the field and what
     is allowed."""
@@ -146,9 +147,9 @@ def read_request(model, encode, body):
         return 400, {'error': f'exit_layers={bad} are not exits of this model; allowed: {list(cfg.exit_layers)}'}
     n, ids = req.get('tokens_to_generate', 64), [encode(p) for p in req['prompts']]
     for p in ids:
-        if len(p) + n > cfg.block_size:
-            return 400, {'error': f'prompts: a prompt of {len(p)} tokens + tokens_to_generate={n} exceeds '
-                                  f'the model\'s block_size={cfg.block_size}'}
+        if len(p) + n > max_len:
+            return 400, {'error': f'prompts: a prompt of {len(p)} tokens + tokens_to_generate={n} exceeds the '
+                                  f'{max_len} positions a row holds (max_len; the model\'s block_size={cfg.block_size})'}
     return req, ids
 
 
@@ -182,13 +183,14 @@ class Batcher:
     """The server's decoding loop, on its own thread: requests queue their jobs, and every
     decoding step admits queued jobs into the decoder's free rows (decode.run_jobs), so that
     concurrent requests decode together and a short one never waits for a long one to end.
-    The cache holds block_size positions per row, the longest a request may ask for."""
+    The cache holds max_len positions per row, the longest a request may ask for (attention
+    reads the whole cache: ask for no more than the requests need)."""
 
-    def __init__(self, decoder):
+    def __init__(self, decoder, max_len):
         import queue
         import threading
         self.dec, self.queue = decoder, queue.Queue()
-        decoder.reserve(decoder.cfg.block_size)
+        decoder.reserve(max_len)
         threading.Thread(target=self.loop, daemon=True).start()
 
     def submit(self, jobs):
@@ -219,15 +221,18 @@ class Batcher:
                     self.dec.free(r)
 
 
-def make_server(model, encode, decode, port, eot=None, decoder=None, host='127.0.0.1', timeout=TIMEOUT_S):
+def make_server(model, encode, decode, port, eot=None, decoder=None, host='127.0.0.1', timeout=TIMEOUT_S,
+                max_len=None):
     """The HTTP server: each connection is read on its own thread (a slow or idle client holds
     only its own, and is dropped after `timeout` seconds of silence); its prompts decode in
     the Batcher's rows beside every other request's, with at most MAX_WAITING requests in
     the server at once (503 past that). One decoder (its batch of rows, cache and CUDA
-    graphs) serves every request."""
+    graphs) serves every request; max_len: positions per row (None: block_size)."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    batcher, seats = Batcher(decoder or Decoder(model, batch_size=8)), threading.BoundedSemaphore(MAX_WAITING)
+    max_len = max_len or model.config.block_size
+    batcher = Batcher(decoder or Decoder(model, batch_size=8), max_len)
+    seats = threading.BoundedSemaphore(MAX_WAITING)
 
     def done(job):
         job.finished.set()
@@ -243,7 +248,7 @@ def make_server(model, encode, decode, port, eot=None, decoder=None, host='127.0
             body = self.rfile.read(int(size))
             if len(body) < int(size):
                 return self.reply(400, {'error': f'the body ended after {len(body)} of {size} bytes'}, close=True)
-            req, ids = read_request(model, encode, body)
+            req, ids = read_request(model, encode, body, max_len)
             if not isinstance(req, dict):
                 return self.reply(req, ids)
             if not seats.acquire(blocking=False):
@@ -379,7 +384,8 @@ def main(args):
     if cfg['serve']:
         if encode is None or ps.world > 1:
             sys.exit('serve needs a checkpoint that names a tokenizer (bytes, gpt2 or a tokenizer.json), in one process')
-        make_server(model, encode, decode, cfg['port'], eot, decoder, cfg['host']).serve_forever()
+        make_server(model, encode, decode, cfg['port'], eot, decoder, cfg['host'],
+                    max_len=cfg['max_len']).serve_forever()
     if cfg['prompts_file']:
         return many(cfg, model, encode, decode, decoder, eot)
     allowed, spec_exit = exits(cfg, mc)

@@ -1,7 +1,6 @@
 """Batched decoding: every row equals its own batch-1 run and the naive no-cache reference."""
 
 import pytest
-import torch
 
 import decode
 from model import GPT, GPTConfig
@@ -180,3 +179,21 @@ def test_server_batches_concurrent_requests():
     assert put(bodies[1]) == sequential[1]
     srv.shutdown()
     srv.server_close()
+
+
+def test_decoder_keeps_no_autograd_state():
+    """Called with gradients enabled (as bench.py does), the decoder records nothing: no cache
+    or hidden state joins an autograd graph, so memory stays flat over many sequences."""
+    model = peaked_model(VARIANTS[1])
+    dec = decode.Decoder(model, batch_size=2)
+    for r in range(2):
+        dec.start(PROMPTS[r], 30, row=r)
+    dec.step({r: ({0}, 0.5, None) for r in range(2)})
+    assert not dec.hid.requires_grad and not any(c.k.requires_grad or c.v.requires_grad for c in dec.caches)
+
+
+def test_bench_serve_runs_tiny_on_cpu():
+    import bench
+    out = bench.main(['--mode=serve', '--shape=tiny', '--device=cpu', '--prompt_len=8', '--new_tokens=6',
+                      '--clients=[1,3]', '--requests=2', '--dtype=float32'])
+    assert [r['clients'] for r in out['runs']] == [1, 3] and all(r['tokens_per_s'] > 0 for r in out['runs'])
