@@ -10,6 +10,7 @@ frontier of early exit over confidence thresholds (EE-LLM, arXiv 2312.04916).
     torchrun --nproc_per_node=2 evaluate.py --out_dir=out-pystdlib --tp=2 --sweep=pairs
     python evaluate.py --out_dir=out-pystdlib --sweep=thresholds  # early exit: quality vs speed
     python evaluate.py --out_dir=out-pystdlib --sweep=thresholds --thresholds=[0.9,0.8] --spec_exits=[2]
+    python evaluate.py --out_dir=out-pystdlib --calibrate=0.02 --delta=0.05  # a threshold with a guarantee
 
 The pairs sweep tries every even span [start, end) that the exits allow (none between the
 two blocks of a pair) and prints one row per span: the sequential depth left (n_layer minus
@@ -25,6 +26,14 @@ tokens/s, speedup over full, tokens per exit, layer-count speedup. It names the 
 threshold within 1% of the full model's perplexity and writes <report>.csv, .json, .png
 (with matplotlib) and .exits.txt (which tokens left early). Everything runs in `dtype`
 (bfloat16 on CUDA, float32 on CPU by default), decoding as generate.py's does.
+
+--calibrate=EPS picks, among `thresholds`, the loosest whose greedy tokens differ from the
+full model's on at most EPS of the positions with probability >= 1 - delta over the
+calibration data (Learn-then-Test with a binomial tail bound, as CALM calibrates early
+exit), on one random half of the val positions, and reports the realised rate and the
+layer-count speedup on the other half, and how often the rate broke EPS over calib_splits
+random halvings. Positions are teacher-forced (KV recomputation makes the hidden states
+the full model's) and taken as independent, which positions of one window only roughly are.
 """
 
 import csv
@@ -67,6 +76,9 @@ spec_exits = None               # exit_layers numbers to draft with (self-specul
 spec_k = 4                      # tokens drafted per verification
 compile = False                 # compile the decoder's blocks and heads (generate.py's key)
 report = ''                     # file prefix for .csv/.json/.png/.exits.txt; '': out_dir/frontier
+calibrate = None                # EPS: the loosest threshold whose tokens differ from the full model's on <= EPS of them
+delta = 0.05                    # ... with probability >= 1 - delta over the calibration data (Learn-then-Test)
+calib_splits = 20               # random calibration/test halves the guarantee is checked on
 # -----------------------------------------------------------------------------
 DEFAULTS = snapshot(globals())
 
@@ -101,30 +113,78 @@ COLUMNS = ['name', 'policy', 'threshold', 'spec_exit', 'val_loss', 'val_ppl', 'p
 
 
 @torch.no_grad()
+def head_records(model, batches, iters, ctx, split='val'):
+    """Every head's view of every position of `iters` fixed batches (teacher-forced; with KV
+    recomputation an early-exit decoder sees the same hidden states): max probability, argmax
+    and CE against the data, each (H, N), heads in depth order, the final one last."""
+    p_max, best, ce = [], [], []
+    for k in range(iters):
+        x, y = batches.eval(split, k)
+        with ctx:
+            logits, exit_logits = model(x, exits=True)
+        heads = [full_vocab(model, lg).float().flatten(0, 1) for lg in exit_logits + [logits]]  # (N, V) each
+        p, i = zip(*[lg.softmax(-1).max(-1) for lg in heads])
+        p_max.append(torch.stack(p))
+        best.append(torch.stack(i))
+        ce.append(torch.stack([F.cross_entropy(lg, y.view(-1), reduction='none') for lg in heads]))
+    return torch.cat(p_max, 1), torch.cat(best, 1), torch.cat(ce, 1)
+
+
+def first_firing(p_max, thresholds):
+    """(K, H, N) one-hot: the head each position leaves at under each threshold (the first exit
+    whose max probability reaches it, else the final head)."""
+    th = torch.tensor(thresholds, device=p_max.device, dtype=p_max.dtype)
+    fire = p_max[None] >= th[:, None, None]  # (K, H, N)
+    fire[:, -1] = True  # the final head always answers
+    return fire & (fire.cumsum(1) == 1)
+
+
 def threshold_losses(model, batches, iters, ctx, thresholds):
     """The confidence rule on train.evaluate's val batches: each position is scored by the CE
     of the first exit (in depth order) whose max probability >= threshold, else of the final
     head. Returns (the final head's loss, [loss per threshold])."""
-    dev = batches.device
-    th = torch.tensor(list(thresholds) + [float('inf')], device=dev)  # the last: no exit fires (the full model)
-    totals, n = torch.zeros(len(th), dtype=torch.float64, device=dev), 0
-    for k in range(iters):
-        x, y = batches.eval('val', k)
-        with ctx:
-            logits, exit_logits = model(x, exits=True)
-        p_max, ce = [], []
-        for lg in exit_logits + [logits]:  # heads in depth order, the final one last
-            lg = full_vocab(model, lg).float().flatten(0, 1)  # (N, V)
-            p_max.append(lg.softmax(-1).amax(-1))
-            ce.append(F.cross_entropy(lg, y.view(-1), reduction='none'))
-        p_max, ce = torch.stack(p_max), torch.stack(ce)  # (H, N)
-        fire = p_max[:, None, :] >= th[None, :, None]  # (H, K, N)
-        fire[-1] = True  # the final head always answers
-        first = fire & (fire.cumsum(0) == 1)  # the first head that fires
-        totals += (first * ce[:, None, :]).sum((0, 2))
-        n += y.numel()
-    losses = (totals / n).tolist()
-    return losses[-1], losses[:-1]
+    p_max, _, ce = head_records(model, batches, iters, ctx)
+    losses = (first_firing(p_max, list(thresholds)) * ce[None]).sum((1, 2)).double() / ce.size(1)
+    return ce[-1].double().mean().item(), losses.tolist()
+
+
+# -----------------------------------------------------------------------------
+# thresholds with a guarantee (Learn-then-Test, Angelopoulos et al. 2021, arXiv 2110.01052;
+# CALM's use of it for early exit, Schuster et al. 2022, arXiv 2207.07061)
+
+def binom_cdf(k, n, p):
+    """P(X <= k) for X ~ Binomial(n, p)."""
+    if p <= 0 or p >= 1:
+        return 1.0 if p <= 0 or k >= n else 0.0
+    lp, lq, terms = math.log(p), math.log1p(-p), []
+    for i in range(int(k) + 1):
+        terms.append(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq)
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+def ltt_threshold(thresholds, errors, n, eps, delta):
+    """Fixed-sequence testing from the strictest threshold down: at each, the null 'the rate
+    of differing tokens exceeds eps' is rejected when P(Binomial(n, eps) <= errors) <= delta,
+    and the walk stops at the first threshold it cannot reject. Returns the loosest rejected
+    threshold (None: not even the strictest), whose rate is <= eps with probability >= 1 -
+    delta over the n calibration tokens (taken as independent draws)."""
+    chosen = None
+    for th, k in sorted(zip(thresholds, errors), key=lambda te: -te[0]):
+        if binom_cdf(k, n, eps) > delta:
+            break
+        chosen = th
+    return chosen
+
+
+def disagreement(p_max, best, depths, thresholds):
+    """Per threshold: the tokens that differ from the final head's argmax (a count) and the
+    mean depth in blocks, over the positions of p_max, best (H, N) from head_records; depths
+    (H,): the blocks before each head."""
+    first = first_firing(p_max, thresholds)                                   # (K, H, N)
+    emitted = (first * best[None]).sum(1)                                     # (K, N)
+    depth = (first * torch.as_tensor(depths, dtype=p_max.dtype, device=p_max.device)[None, :, None]).sum(1)
+    return (emitted != best[-1][None]).sum(1).tolist(), depth.mean(1).tolist()
 
 
 def next_line_tasks(docs, encode, block_size, n, seed):
@@ -327,6 +387,50 @@ def frontier(cfg, ps, dev, data, data_meta, ctx):
     return result
 
 
+def calibration(cfg, dev, data, ctx):
+    """--calibrate=EPS: on val positions split at random into calibration and test halves,
+    the loosest global threshold that Learn-then-Test certifies (tokens differing from the
+    full model's greedy token on <= EPS of them, with probability >= 1 - delta), its rate
+    and layer-count speedup on the test half; over calib_splits random splits, how often the
+    test rate broke EPS."""
+    eps, delta, ths = cfg['calibrate'], cfg['delta'], sorted({float(t) for t in cfg['thresholds']}, reverse=True)
+    for k, v in (('calibrate', eps), ('delta', delta)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+            sys.exit(f'{k}={v!r}; allowed: a number in (0, 1)')
+    if not isinstance(cfg['calib_splits'], int) or cfg['calib_splits'] < 1:
+        sys.exit(f"calib_splits={cfg['calib_splits']!r}; allowed: an int >= 1")
+    model, _ = load_model(cfg['out_dir'], ParallelState(), dev, layer_parallel=cfg['layer_parallel'])
+    model.to(DTYPES[cfg['dtype']]).eval()
+    mc = model.config
+    if not mc.exit_layers:
+        sys.exit(f"calibrate needs a checkpoint with exits; {cfg['out_dir']} has exit_layers=[]")
+    batches = Batches(data, cfg['batch_size'], mc.block_size, seed=cfg['seed'], device=dev)
+    p_max, best, _ = head_records(model, batches, cfg['eval_iters'], ctx)
+    depths, N = list(mc.exit_depths) + [mc.n_layer], p_max.size(1)
+    g, splits = torch.Generator().manual_seed(cfg['seed']), []
+    for _ in range(cfg['calib_splits']):
+        perm = torch.randperm(N, generator=g).to(p_max.device)
+        cal, test = perm[:N // 2], perm[N // 2:]
+        errors, _ = disagreement(p_max[:, cal], best[:, cal], depths, ths)
+        th = ltt_threshold(ths, errors, len(cal), eps, delta)
+        rate, depth = 0.0, float(mc.n_layer)  # (no threshold certified: the full model)
+        if th is not None:
+            (k,), (depth,) = disagreement(p_max[:, test], best[:, test], depths, [th])
+            rate = k / len(test)
+        splits.append(dict(threshold=th, calibration_rate=None if th is None else errors[ths.index(th)] / len(cal),
+                           test_rate=rate, layer_speedup=mc.n_layer / depth, violated=rate > eps))
+    first = splits[0]
+    th = 'none certified (the full model)' if first['threshold'] is None else first['threshold']
+    print(f"{N:,} val positions, halves of {N // 2:,}: EPS {eps:g}, delta {delta:g}: threshold {th}"
+          f", differing tokens {first['test_rate']:.3%} on the test "
+          f"half, layer-count speedup {first['layer_speedup']:.2f}x; over {len(splits)} random splits the test "
+          f"rate broke EPS {sum(r['violated'] for r in splits)} times")
+    result = dict(out_dir=cfg['out_dir'], eps=eps, delta=delta, positions=N, **first, splits=splits,
+                  violations=sum(r['violated'] for r in splits))
+    print(_json.dumps(result))
+    return result
+
+
 def print_table(rows, names, title):
     cell = lambda v, spec, unit='': '-' if v is None else format(v, spec) + unit
     print(title)
@@ -403,6 +507,10 @@ def main(args):
         sys.exit(f"sweep={cfg['sweep']!r}; allowed: 'pairs', 'thresholds' (or '' for one evaluation)")
     if cfg['sweep'] == 'thresholds':
         return frontier(cfg, ps, dev, data, data_meta, ctx)
+    if cfg['calibrate'] is not None:
+        if ps.world > 1:
+            sys.exit('calibrate runs in one process')
+        return calibration(cfg, dev, data, ctx)
     mc, row = val_losses(cfg, ps, dev, data, ctx, cfg['layer_parallel'])
     rows = [row]
     if cfg['sweep'] == 'pairs':

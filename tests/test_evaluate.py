@@ -196,3 +196,41 @@ def test_bad_inputs_are_clear_errors(sweep, tmp_path):
     checkpoint.save_checkpoint(str(tmp_path / 'plain'), plain, None, {'dataset': str(d / 'data')}, 0, 0.0)
     with pytest.raises(SystemExit, match='needs a checkpoint with exits'):
         evaluate.main([f'--out_dir={tmp_path / "plain"}'] + base[1:])
+
+
+def test_learn_then_test_guarantee_on_a_known_curve():
+    """One exit whose max probability u is uniform and whose token is wrong with probability
+    1 - u when it fires: the true rate of differing tokens at threshold t is (1 - t)^2 / 2.
+    Over many calibration draws the chosen threshold breaks EPS in at most about delta of
+    them, and it is not needlessly strict."""
+    eps, delta, n, trials = 0.05, 0.1, 3000, 200
+    ths = [round(1 - 0.02 * i, 2) for i in range(51)]
+    true_rate = lambda t: (1 - t) ** 2 / 2
+    g = torch.Generator().manual_seed(0)
+    broke, chosen = 0, []
+    for _ in range(trials):
+        u = torch.rand(n, generator=g)
+        wrong = torch.rand(n, generator=g) > u
+        errors = [int(((u >= t) & wrong).sum()) for t in ths]
+        t = evaluate.ltt_threshold(ths, errors, n, eps, delta)
+        assert t is not None
+        chosen.append(t)
+        broke += true_rate(t) > eps
+    assert broke <= delta * trials * 1.5
+    best = 1 - (2 * eps) ** 0.5  # 0.684: the loosest threshold that keeps the rate at eps
+    assert sum(chosen) / trials < best + 0.08  # close to it, not at the strict end
+    assert abs(evaluate.binom_cdf(3, 10, 0.5) - 176 / 1024) < 1e-12
+
+
+def test_calibrate_on_a_checkpoint(sweep):
+    d, _ = sweep
+    out = evaluate.main([f'--out_dir={d / "ckpt"}', '--calibrate=0.05', '--delta=0.1', '--device=cpu',
+                         '--dtype=float32', '--eval_iters=2', '--batch_size=8', '--calib_splits=5',
+                         f'--thresholds={THRESHOLDS}'])
+    assert len(out['splits']) == 5 and out['positions'] == 2 * 8 * 64
+    assert out['threshold'] is None or out['threshold'] in THRESHOLDS
+    assert all(r['layer_speedup'] >= 1 for r in out['splits'])
+    if out['threshold'] is not None:  # an exit fires there: tokens leave early
+        assert out['layer_speedup'] > 1 and out['calibration_rate'] <= 0.05
+    with pytest.raises(SystemExit, match='calibrate=1.5'):
+        evaluate.main([f'--out_dir={d / "ckpt"}', '--calibrate=1.5', '--device=cpu'])

@@ -3,6 +3,7 @@ Each test spawns ranks that compute the same thing both ways and compare."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -304,5 +305,42 @@ def test_torchrun_3d_with_checkpoint_into_another_layout(tmp_path):
              for d in ('one', '3d')]
     assert sorted(steps[1]) == list(range(6))
     for it in range(6):
+        assert steps[1][it]['loss'] == pytest.approx(steps[0][it]['loss'], rel=1e-4)
+        assert steps[1][it]['exit_losses'] == pytest.approx(steps[0][it]['exit_losses'], rel=1e-4)
+
+
+def test_two_nodes_through_torchrun_rendezvous(tmp_path):
+    """Two torchrun agents (two 'nodes' of 2 ranks on 127.0.0.1, c10d rendezvous), dp2 x tp2:
+    the loss curve of one process, and a checkpoint that resumes in one process."""
+    corpus = tmp_path / 'corpus.txt'
+    corpus.write_text(open(os.path.join(ROOT, 'model.py')).read())
+    sys.path.insert(0, os.path.join(ROOT, 'data', 'text'))
+    import prepare
+    prepare.main(['--input', str(corpus), '--out_dir', str(tmp_path / 'data')])
+    args = [f'--dataset={tmp_path / "data"}', '--device=cpu', '--dtype=float32', '--n_layer=2', '--n_head=4',
+            '--n_embd=32', '--block_size=16', '--batch_size=2', '--gradient_accumulation_steps=2',
+            '--exit_layers=[1]', '--exit_norm', '--eval_interval=3', '--eval_iters=2', '--log_interval=1',
+            '--learning_rate=3e-3', '--lr_decay_iters=5']
+    one = subprocess.run([sys.executable, 'train.py', f'--out_dir={tmp_path / "one"}', '--max_iters=5'] + args,
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    nodes = [subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', f'--node_rank={i}',
+                               '--nproc_per_node=2', '--rdzv_backend=c10d', f'--rdzv_endpoint=127.0.0.1:{port}',
+                               '--rdzv_id=nanoee-test', 'train.py', f'--out_dir={tmp_path / "two"}', '--max_iters=3',
+                               '--tp=2'] + args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS='1')) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in nodes]
+    assert all(p.returncode == 0 for p in nodes), [o[1][-2000:] for o in outs]
+    assert any('dp2-pp1-tp2' in o[0] for o in outs)
+    resumed = subprocess.run([sys.executable, 'train.py', f'--out_dir={tmp_path / "two"}', '--max_iters=5',
+                              '--init_from=resume'] + args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    steps = [{r['iter']: r for r in map(json.loads, open(tmp_path / d / 'log.jsonl')) if 'loss' in r}
+             for d in ('one', 'two')]
+    assert sorted(steps[1]) == list(range(5))
+    for it in range(5):
         assert steps[1][it]['loss'] == pytest.approx(steps[0][it]['loss'], rel=1e-4)
         assert steps[1][it]['exit_losses'] == pytest.approx(steps[0][it]['exit_losses'], rel=1e-4)
