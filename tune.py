@@ -1,6 +1,9 @@
 """
 Tuning on a frozen pretrained model, two kinds:
 - EE-Tuning (Pan et al. 2024, arXiv 2402.00518): train only the exit heads.
+- EE-Tuning by self-distillation (--distill): each exit learns the frozen model's own
+  final-head distribution (KL), optionally mixed with the data CE (--distill_ce), so that
+  exits added to a model trained without them draft the tokens that model would choose.
 - Layer-pair fine-tuning (arXiv 2502.02790): with --layer_parallel=[start,end), train
   only the blocks that now run in parallel pairs, on the full model's objective (final
   CE + weighted exit CEs), to win back what pairing cost. --tune_blocks=[start,end)
@@ -8,6 +11,7 @@ Tuning on a frozen pretrained model, two kinds:
 
     python convert.py add_exits --src=out-base --dst=out-ee --exit_layers=[2,4] --exit_norm
     python tune.py config/tune_pystdlib.py --init_from=out-ee --out_dir=out-ee-tuned
+    python tune.py config/tune_pystdlib.py --init_from=out-ee --out_dir=out-ee-distilled --distill
     torchrun --nproc_per_node=4 tune.py config/tune_pystdlib.py --init_from=out-ee --out_dir=out-ee-tuned --tp=2 --pp=2
     python generate.py --out_dir=out-ee-tuned --early_exit_thres=0.8 --show_exits
     python tune.py config/tune_pystdlib.py --init_from=out-pystdlib --out_dir=out-pairs --layer_parallel=[2,4]
@@ -40,20 +44,29 @@ from pipeline import stage_forward, stage_layers
 
 DEFAULTS = dict(train.DEFAULTS, init_from='', out_dir='out-tuned', dynamic_weighting=False, max_iters=500,
                 learning_rate=1e-3, min_lr=1e-4, warmup_iters=20, eval_interval=100, log_interval=20,
-                tune_blocks=None)  # [start, end): fine-tune these blocks (default: the layer_parallel span)
+                tune_blocks=None,  # [start, end): fine-tune these blocks (default: the layer_parallel span)
+                distill=False,     # EE-Tuning by self-distillation: each exit learns the final head's distribution
+                distill_ce=0.0)    # with distill: the data CE's share of each exit's loss, (1 - it) for the KL
 
 
-def exit_objective(model, x, y, w, dynamic, ps):
+def exit_objective(model, x, y, w, dynamic, ps, distill=False, ce_share=0.0):
     """Weighted losses of this stage's exits on the frozen backbone. With pp > 1 the hidden
     states come from the previous stage and go on to the next (no gradient crosses stages:
-    every trainable parameter sits behind its own exit). Returns (objective, each exit's CE
-    (n_exits,), zero for the exits of other stages)."""
+    every trainable parameter sits behind its own exit). distill (the whole model built, one
+    process): each exit's loss is KL(final head || exit) on the frozen model's own outputs
+    (self-distillation), plus ce_share of the data CE. Returns (objective, each exit's CE, or
+    with distill its KL (n_exits,), zero for the exits of other stages)."""
+    V = model.config.vocab_size
     with torch.no_grad():
-        _, taps, rope = stage_forward(model, x, ps)
+        h_final, taps, rope = stage_forward(model, x, ps)
+        teacher = model.final_logits(h_final).float()[..., :V].log_softmax(-1) if distill else None
     total, ces = torch.zeros((), device=x.device), torch.zeros(len(model.config.exit_layers), device=x.device)
     for e, h in taps:
         logits = model.exit_logits(e, h, rope)
-        if dynamic:  # EE-Tuning's token-wise weights: the exit's own detached confidence
+        if distill:  # sum_v p_final (log p_final - log p_exit), per token
+            kl = (teacher.exp() * (teacher - logits.float()[..., :V].log_softmax(-1))).sum(-1).mean()
+            obj, ce = (1 - ce_share) * kl + (ce_share * model.loss(logits, y) if ce_share else 0), kl
+        elif dynamic:  # EE-Tuning's token-wise weights: the exit's own detached confidence
             if ps.tp > 1:
                 raise ValueError('dynamic_weighting runs with tp=1')
             logp = logits.float().log_softmax(-1).flatten(0, 1)[:, :model.config.vocab_size]
@@ -107,6 +120,11 @@ def tune(cfg):
     data, data_meta = corpus.load_data(cfg['dataset'])
     if cfg['sp']:
         raise ValueError('sp: tune.py runs without sequence parallelism')
+    if cfg['distill'] not in (True, False) or not 0 <= cfg['distill_ce'] <= 1:
+        raise ValueError(f"distill={cfg['distill']!r}, distill_ce={cfg['distill_ce']!r}; allowed: true or false, "
+                         'and a number in [0, 1]')
+    if cfg['distill'] and (cfg['tp'] > 1 or cfg['pp'] > 1 or cfg['dynamic_weighting'] or span):
+        raise ValueError('distill runs in one process (tp=1, pp=1), without dynamic_weighting, on exits only')
     ps = ParallelState(cfg['tp'], cfg['pp'])
     torch.manual_seed(cfg['seed'] + ps.dp_rank)
     if span:  # the whole model, on train.py's objective; the span learns through every block after it
@@ -117,14 +135,16 @@ def tune(cfg):
         names, objective = 'losses (final, exits)', train.weighted_loss
         what = f"{'layer-parallel pairs of ' if pairs else ''}blocks {span.start}..{span.stop - 1}"
     else:
-        depth = max(mcfg.exit_depths)
+        depth = mcfg.n_layer if cfg['distill'] else max(mcfg.exit_depths)  # (distill: the teacher is the final head)
         layers = stage_layers(depth, ps.pp, cfg['pp_layers'])[ps.pp_rank]  # the stages up to the deepest exit
         model = GPT(mcfg, ps, cfg['seed'], layers=layers).to(device)  # nothing past the deepest exit
         learns = lambda name: name.startswith('exits.')
-        names = 'exit losses'
-        objective = lambda m, x, y, w: exit_objective(m, x, y, w, cfg['dynamic_weighting'], ps)
+        names = 'exit KL to the final head' if cfg['distill'] else 'exit losses'
+        objective = lambda m, x, y, w: exit_objective(m, x, y, w, cfg['dynamic_weighting'], ps, cfg['distill'],
+                                                      cfg['distill_ce'])
         what = (f'exit parameters (stage 0) on a frozen backbone of blocks 0..{depth - 1} (of {mcfg.n_layer}; '
-                f'blocks {depth}..{mcfg.n_layer - 1} are never built)')
+                f'blocks {depth}..{mcfg.n_layer - 1} are never built)' if not cfg['distill'] else
+                'exit parameters by self-distillation from the frozen full model')
     src.load_into(model, ps=ps)
     for name, p in model.named_parameters():
         p.requires_grad_(learns(name))

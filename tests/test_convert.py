@@ -159,6 +159,36 @@ def test_tune_trains_only_the_exits(tune_setup, tmp_path):
     tune.tune(dict(cfg, dynamic_weighting=True, max_iters=3, out_dir=str(tmp_path / 'dyn')))
 
 
+def test_tune_distill_learns_the_final_heads_distribution(tune_setup, tmp_path):
+    """--distill: the exits' KL to the frozen final head falls, the backbone stays bit-identical,
+    and the logged KL is the one computed here by hand."""
+    import tune
+    d, args = tune_setup
+    before, _ = convert.load(str(d / 'ee'))
+    with torch.no_grad():  # a confident final head (a random one is near uniform, and so are its exits)
+        before.lm_head.weight.mul_(40)
+    checkpoint.save_checkpoint(str(tmp_path / 'sharp'), before, None, {}, 0, 0.0, data={'tokenizer': 'bytes'})
+    args = [a.replace(str(d / 'ee'), str(tmp_path / 'sharp')) for a in args]
+    cfg = configure(tune.DEFAULTS, args + [f'--out_dir={tmp_path / "kd"}', '--distill'], train.PER_EXIT_KEYS)
+    model = tune.tune(cfg)
+    assert model.norm_f is not None and len(model.blocks) == 4  # the teacher is the whole model
+    evals = [json.loads(line) for line in open(tmp_path / 'kd' / 'log.jsonl') if 'val_losses' in line]
+    for a, b in zip(evals[0]['val_losses'], evals[-1]['val_losses'], strict=True):
+        assert a > 0.5 and b < 0.7 * a
+    tuned, _ = checkpoint.load_model(str(tmp_path / 'kd'))
+    for (name, p), q in zip(tuned.logical_parameters(), before.parameters()):
+        assert torch.equal(p, q) != name.startswith('exits.'), name
+    x = torch.randint(0, 256, (2, 32))
+    with torch.no_grad():
+        logits, exit_logits = tuned(x, exits=True)
+        p = logits.log_softmax(-1)
+        kl = [(p.exp() * (p - lg.log_softmax(-1))).sum(-1).mean() for lg in exit_logits]
+        _, got = tune.exit_objective(tuned, x, x, [1.0, 1.0], False, tuned.ps, distill=True)
+    torch.testing.assert_close(got, torch.stack(kl).float())
+    with pytest.raises(ValueError, match='distill runs in one process'):
+        tune.tune(dict(cfg, dynamic_weighting=True))
+
+
 @pytest.mark.parametrize('dtype', list(train.DTYPES))
 def test_tune_runs_every_training_dtype(tune_setup, tmp_path, dtype):
     """tune.py trains through train.py's step, so every dtype train.py accepts works, float16
