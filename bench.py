@@ -197,12 +197,12 @@ def speculation_round(dec, d, k, accepted):
     def fn():
         n = [len(t) for t in dec.tokens]
         for _ in range(k):
-            for r, (tok, *_) in dec.step({r: (set(), float('inf'), None) for r in rows}, stop_depth=d).items():
+            for r, (tok, *_) in dec.step({r: (set(), float('inf'), None) for r in rows}, {r: d for r in rows}).items():
                 dec.tokens[r].append(tok)
         drafts = [t[n[r]:] for r, t in enumerate(dec.tokens)]
         for r in rows:
             del dec.tokens[r][n[r]:]
-        best = dec.verify(d, k, rows)[1].tolist()
+        best = dec.verify({r: (d, k) for r in rows})[1].tolist()
         for r in rows:
             dec.tokens[r] += drafts[r][:m - 1] + [int(best[r][m - 1][1])]
             del dec.done[r][len(dec.tokens[r]) - 1:]

@@ -32,6 +32,8 @@ generate() returns depths: the number of blocks each token ran before the head t
 it (n_layer: the final head); the model's exits are numbered in GPTConfig.exits.
 """
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -252,23 +254,29 @@ class Decoder:
         return outs
 
     @torch.no_grad()
-    def verify(self, d, k, rows):
-        """Self-speculation's check, for each of `rows`: blocks d.. and the final head for the
-        last committed token and the k - 1 drafted after it (the drafting left their KV below
-        d). Returns the logits (B, k, V) and (max prob, argmax, its log prob) (B, k, 3)."""
+    def verify(self, plan):
+        """Self-speculation's check of each row of plan {row: (d, k)}: blocks d.. and the final
+        head for the row's last committed token and the k - 1 drafted after it (the drafting
+        left their KV below d). Rows drafted from different depths join at the deepest one
+        they need. Returns the logits (B, K, V) and (max prob, argmax, its log prob) (B, K,
+        3), K the largest k, row r's k in its last k slots."""
         L, chunks = self.cfg.n_layer, {}
-        for r in rows:
+        for r, (d, k) in plan.items():
             n = len(self.tokens[r])
             chunks[r] = (n - 1, n - 1 + k)
             self.done[r][n - 1:] = [L] * k
-        return self.run(d, L, 'final', chunks, rows=k)
+        depths, K = sorted({d for d, _ in plan.values()}), max(k for _, k in plan.values())
+        for a, b in zip(depths, depths[1:] + [L]):
+            out = self.run(a, b, 'final' if b == L else None, {r: c for r, c in chunks.items() if plan[r][0] <= a},
+                           rows=K if b == L else 1)
+        return out
 
     @torch.no_grad()
     def step(self, rules, stop_depth=None, h=None, decided=False):
         """Process the last token of each row in rules {row: (allowed exits (indices), thres,
         pick)} through this stage, bringing every pending position along; at each allowed
-        exit, if its max prob >= thres, the row emits from it. stop_depth: run no deeper
-        (drafting). pick(logits (1, V)) -> token; None: greedy. On a pipeline stage after
+        exit, if its max prob >= thres, the row emits from it. stop_depth ({row: depth}): run
+        that row no deeper (drafting). pick(logits (1, V)) -> token; None: greedy. On a pipeline stage after
         the first, h (B, 1, C) is each row's token's hidden state from the stage before, and
         decided says an earlier stage has emitted it: then only the KV is computed here.
         Returns {row: (token, depth it left at, {depth: max prob}, its logits (1, V), the log
@@ -286,9 +294,11 @@ class Decoder:
             kv = {e for e in self.exit_at.values() if self.model.exits[str(e)].block is not None}
             rules = {r: (allowed & kv, float('inf'), pick) for r, (allowed, _, pick) in rules.items()}
         wanted = set().union(*(allowed for allowed, _, _ in rules.values()))
-        bounds = sorted({d for d, e in self.exit_at.items() if e in wanted} | {stop_depth or self.hi})
+        stop = {r: (stop_depth or {}).get(r) for r in rules}
+        bounds = sorted({d for d, e in self.exit_at.items() if e in wanted} | {self.hi}
+                        | {d for d in stop.values() if d is not None})
         out, probs, a = {}, {r: {} for r in rules}, self.lo
-        for b in bounds:  # (at the model's last block or stop_depth every row decides)
+        for b in bounds:  # (every row decides at its stop depth, the stage's last block at the latest)
             chunks = {}
             for r in rules.keys() - out.keys():  # positions needing block a: a suffix, those stopped at depth <= a
                 s, done = t[r], self.done[r]
@@ -305,9 +315,9 @@ class Decoder:
                 allowed, thres, pick = rules[r]
                 p, best, lp = conf[r]
                 here = head in allowed
-                if here:
+                if here or b == stop[r]:
                     probs[r][b] = p
-                if b == L or (here and p >= thres) or b == stop_depth:
+                if b == L or (here and p >= thres) or b == stop[r]:
                     tok = int(best) if pick is None else pick(logits[r, -1:])
                     if tok != int(best):
                         lp = float(logits[r, -1].float().log_softmax(-1)[tok])
@@ -335,7 +345,8 @@ class Job:
     token `stop`. on_token(token, depth, probs) sees each token as it comes; on_done(job)
     the end. out: {'tokens', 'depths' (blocks each token ran before its head; n_layer =
     final), 'max_probs' ({depth: max prob} per token), 'logprobs' (of each token under the
-    head that chose it), 'accepted', 'drafted' (speculative)}."""
+    head that chose it), 'accepted', 'drafted', 'rounds' (speculative: (drafting exit's
+    layer, tokens drafted) per round)}."""
 
     def __init__(self, cfg, device, prompt, max_new_tokens, thres=None, allowed=None, temperature=0.0, top_k=None,
                  top_p=None, seed=None, stop=None, on_token=None, on_done=None):
@@ -348,8 +359,9 @@ class Job:
         self.gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
         self.pick = None if temperature == 0 else lambda logits: int(sample(logits, temperature, top_k, top_p,
                                                                             self.gen)[0])
-        self.on_token, self.on_done = on_token, on_done
-        self.out = {'tokens': [], 'depths': [], 'max_probs': [], 'logprobs': [], 'drafted': 0, 'accepted': 0}
+        self.on_token, self.on_done, self.plan = on_token, on_done, None  # (plan: speculation's DraftPlan)
+        self.out = {'tokens': [], 'depths': [], 'max_probs': [], 'logprobs': [], 'drafted': 0, 'accepted': 0,
+                    'rounds': []}
 
     def dist(self, logits):
         return distribution(logits, self.temperature, self.top_k, self.top_p)[0]
@@ -363,23 +375,68 @@ class Job:
         return len(self.out['tokens']) >= self.max_new_tokens or tok == self.stop
 
 
+class DraftPlan:
+    """Which exit drafts and how many tokens, for one sequence's self-speculation. A fixed
+    exit drafts spec_k tokens every round. With spec_exit='auto' (adaptive self-speculation,
+    after DEL, arXiv 2504.05598): each round takes the exit e and draft length k that
+    maximise expected tokens per cost, E(e, k) / C(e, k), where a draft kept with
+    probability a_e gives E = 1 + a_e + ... + a_e^(k-1) tokens (the first rejection ends the
+    round with the full model's token) and C counts the bytes a batch-1 round reads: k drafts
+    through the exit's blocks and head, one verification through the rest and the final
+    head. a_e is the exit's acceptance so far with an optimistic bonus that shrinks as it is
+    tried (UCB), so every exit gets tried and the best one wins. A draft also stops early
+    when the drafting exit's confidence falls below spec_stop (Kangaroo, arXiv 2404.18911)."""
+
+    def __init__(self, model, spec_exit, spec_k, spec_stop=None):
+        cfg = model.config
+        size = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0
+        block, lm = size(next(iter(model.blocks.values()))) / next(iter(model.blocks.values())).width, \
+            size(model.lm_head)
+        # a head's cost in blocks: its own layers, and the LM head's matrix unless it has its own
+        heads = [(size(model.exits[str(x.index)]) + (0 if cfg.exit_untie else lm)) / block for x in cfg.exits]
+        self.cost = lambda e, k: k * (cfg.exits[e].depth + heads[e]) + cfg.n_layer - cfg.exits[e].depth + lm / block
+        self.spec_exit, self.spec_k, self.spec_stop = spec_exit, spec_k, spec_stop
+        self.kept, self.tried = [0] * len(cfg.exits), [0] * len(cfg.exits)
+
+    def choose(self):
+        """(exit index, draft length) for the next round."""
+        if self.spec_exit != 'auto':
+            return self.spec_exit, self.spec_k
+        total, best = sum(self.tried) + 2, None
+        for e in range(len(self.kept)):
+            a = (self.kept[e] + 1) / (self.tried[e] + 2) + (math.log(total) / (self.tried[e] + 1)) ** 0.5 / 4
+            a = min(a, 0.99)
+            for k in range(1, self.spec_k + 1):
+                value = (1 - a ** k) / (1 - a) / self.cost(e, k)
+                if best is None or value > best[0]:
+                    best = (value, e, k)
+        return best[1:]
+
+    def update(self, e, kept, tried):
+        self.kept[e] += kept
+        self.tried[e] += tried
+
+
 def check_method(cfg, method, spec_exit, spec_k):
     if method not in ('full', 'recompute', 'speculative'):
         raise ValueError(f"method={method!r}; allowed: 'full', 'recompute', 'speculative'")
     if method == 'speculative':
         if not (isinstance(spec_k, int) and spec_k >= 1):
             raise ValueError(f'spec_k={spec_k!r}; allowed: an int >= 1 (tokens drafted per verification)')
-        if spec_exit not in range(len(cfg.exits)):
-            raise ValueError(f'spec_exit={spec_exit!r}: the drafting exit\'s index; allowed: 0..{len(cfg.exits) - 1}')
+        if spec_exit != 'auto' and spec_exit not in range(len(cfg.exits)):
+            raise ValueError(f'spec_exit={spec_exit!r}: the drafting exit\'s index; allowed: 0..{len(cfg.exits) - 1}, '
+                             "or 'auto' (adaptive)")
 
 
 @torch.no_grad()
-def run_jobs(dec, take, method='recompute', spec_exit=None, spec_k=4):
+def run_jobs(dec, take, method='recompute', spec_exit=None, spec_k=4, spec_stop=None):
     """Decode jobs with dec until take() has none left: take() -> the next Job or None (none
     waiting now). A free row takes the next job at every step (continuous batching), so a
     short job never waits for a long one. method 'full' or 'recompute' (each job's thres and
-    exits; full: none), or 'speculative': every row drafts spec_k tokens from exit spec_exit
-    and is verified on its own, keeping only its own accepted drafts."""
+    exits; full: none), or 'speculative': every row drafts from its own exit as its
+    DraftPlan says (spec_exit and spec_k, or 'auto': adaptive; spec_stop: a draft ends when
+    the drafter's confidence falls below it) and is verified on its own, keeping only its
+    own accepted drafts."""
     cfg, L = dec.cfg, dec.cfg.n_layer
     check_method(cfg, method, spec_exit, spec_k)
     jobs = {}  # row: job
@@ -414,51 +471,69 @@ def run_jobs(dec, take, method='recompute', spec_exit=None, spec_k=4):
             for r, (tok, depth, probs, _, logprob) in dec.step(rules).items():
                 emit(r, tok, depth, probs, logprob)
             continue
-        d, n = cfg.exits[spec_exit].depth, {r: len(dec.tokens[r]) for r in jobs}
-        drafts, qs = {r: [] for r in jobs}, {r: [] for r in jobs}
-        for _ in range(spec_k):  # draft with the exit (layers < d, the shared KV)
-            out = dec.step({r: (set(), float('inf'), j.pick) for r, j in jobs.items()}, stop_depth=d)
-            for r, (tok, _, _, logits, _) in out.items():
+        plan = {}
+        for r, j in jobs.items():
+            j.plan = j.plan or DraftPlan(dec.model, spec_exit, spec_k, spec_stop)
+            plan[r] = j.plan.choose()
+        k = {r: kr for r, (_, kr) in plan.items()}
+        depth = {r: cfg.exits[e].depth for r, (e, _) in plan.items()}
+        n, drafts, qs = {r: len(dec.tokens[r]) for r in jobs}, {r: [] for r in jobs}, {r: [] for r in jobs}
+        while True:  # draft with each row's exit (layers < its depth, the shared KV)
+            drafting = {r: (set(), float('inf'), jobs[r].pick) for r in jobs if len(drafts[r]) < k[r]}
+            if not drafting:
+                break
+            for r, (tok, _, probs, logits, _) in dec.step(drafting, stop_depth=depth).items():
                 drafts[r].append(tok)
                 qs[r].append(jobs[r].dist(logits) if jobs[r].temperature else None)
                 dec.tokens[r].append(tok)
+                if spec_stop is not None and probs[depth[r]] < spec_stop:  # the drafter is unsure: verify now
+                    k[r] = len(drafts[r])
         for r in jobs:
             del dec.tokens[r][n[r]:]
-        # verify: the remaining layers for each row's k drafted positions in one forward
-        full, best = dec.verify(d, spec_k, list(jobs))  # (B, k, V): the full model after each position
-        best = best.tolist()
+        # verify: the remaining layers for each row's drafted positions in one forward
+        full, best = dec.verify({r: (depth[r], k[r]) for r in jobs})  # (B, K, V): the full model after each
+        best, K = best.tolist(), max(k.values())
         for r, job in list(jobs.items()):
-            job.out['drafted'] += spec_k
-            for j in range(spec_k):
+            job.out['drafted'] += k[r]
+            job.out['rounds'].append((cfg.exits[plan[r][0]].layer, k[r]))
+            kept = 0
+            for j in range(k[r]):
+                i = K - k[r] + j  # (row r's slots are its last k[r])
                 if job.temperature == 0:  # greedy: keep the draft while it is the full model's argmax
-                    want, logprob = int(best[r][j][1]), best[r][j][2]
+                    want, logprob = int(best[r][i][1]), best[r][i][2]
                     ok = want == drafts[r][j]
                 else:
-                    want, ok = accept(drafts[r][j], job.dist(full[r, j:j + 1]), qs[r][j], job.gen)
-                    logprob = float(full[r, j].float().log_softmax(-1)[want])
-                job.out['accepted'] += ok
-                finished = emit(r, want, d if ok else L, {}, logprob)
+                    want, ok = accept(drafts[r][j], job.dist(full[r, i:i + 1]), qs[r][j], job.gen)
+                    logprob = float(full[r, i].float().log_softmax(-1)[want])
+                kept += ok
+                finished = emit(r, want, depth[r] if ok else L, {}, logprob)
                 if finished or not ok:
                     break
+            job.out['accepted'] += kept
+            job.plan.update(plan[r][0], kept, kept + (kept < k[r]))  # (drafts judged: the kept, the first rejected)
             if not finished:  # positions past the last committed token are redone
                 del dec.done[r][len(dec.tokens[r]) - 1:]
 
 
 @torch.no_grad()
 def generate(model, prompt, max_new_tokens, method='full', thres=None, allowed=None, spec_exit=None, spec_k=4,
-             temperature=0.0, top_k=None, top_p=None, seed=None, stop=None, on_token=None, decoder=None):
+             temperature=0.0, top_k=None, top_p=None, seed=None, stop=None, on_token=None, decoder=None,
+             spec_stop=None):
     """One sequence: Job's output dict (which says what each key holds). allowed: exit
-    indices that may fire (None: all); spec_exit: the drafting exit's index. decoder: a
+    indices that may fire (None: all); spec_exit: the drafting exit's index, or 'auto'
+    (adaptive, DraftPlan; spec_k the longest draft); spec_stop: end a draft when the
+    drafter's max probability falls below it (None: never). decoder: a
     Decoder of this model to reuse (its cache, CUDA graphs and compiled code); None: a new
     one (CUDA graphs on CUDA)."""
     return generate_many(model, [prompt], max_new_tokens, method, thres, allowed, spec_exit, spec_k, temperature,
-                         top_k, top_p, seed, stop, on_token and (lambda i, *a: on_token(*a)), decoder)[0]
+                         top_k, top_p, seed, stop, on_token and (lambda i, *a: on_token(*a)), decoder,
+                         spec_stop=spec_stop)[0]
 
 
 @torch.no_grad()
 def generate_many(model, prompts, max_new_tokens, method='full', thres=None, allowed=None, spec_exit=None, spec_k=4,
                   temperature=0.0, top_k=None, top_p=None, seed=None, stop=None, on_token=None, decoder=None,
-                  batch_size=1, on_done=None):
+                  batch_size=1, on_done=None, spec_stop=None):
     """generate() for many prompts, batch_size rows at once (or the decoder's), a finished
     row taking the next prompt. Prompt i samples from its own generator, seeded seed + i, so
     that its output is the one it has alone. on_token(i, token, depth, probs); on_done(i,
@@ -473,7 +548,7 @@ def generate_many(model, prompts, max_new_tokens, method='full', thres=None, all
             for i, p in enumerate(prompts)]
     dec.reserve(max(span(p, max_new_tokens, method, spec_k, model.config.block_size) for p in prompts))
     waiting = iter(jobs)
-    run_jobs(dec, lambda: next(waiting, None), method, spec_exit, spec_k)
+    run_jobs(dec, lambda: next(waiting, None), method, spec_exit, spec_k, spec_stop)
     return [j.out for j in jobs]
 
 

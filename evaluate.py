@@ -351,6 +351,9 @@ def frontier(cfg, ps, dev, data, data_meta, ctx):
     speed = lambda kw: timed(model, prompts, n, dev, cfg['repeats'], timing, **kw)
     policies = [dict(method='full')] + [dict(method='recompute', thres=th) for th in ths]
     speculative = [dict(method='speculative', spec_exit=mc.exit_index(L), spec_k=cfg['spec_k']) for L in spec]
+    if spec:  # and adaptive self-speculation (decode.DraftPlan: the exit and draft length chosen as it goes)
+        spec, speculative = spec + ['auto'], speculative + [dict(method='speculative', spec_exit='auto',
+                                                                 spec_k=cfg['spec_k'])]
     ref, full_tok_s = speed(policies[0])
     rows = []
     for th, loss, kw in zip([None] + ths, [final] + losses, policies):

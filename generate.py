@@ -4,6 +4,7 @@ Generate from a trained checkpoint, with KV-cached early exit.
     python generate.py --out_dir=out-pystdlib --prompt="def main(" --max_new_tokens=200
     python generate.py --out_dir=out-pystdlib --early_exit_thres=0.8 --show_exits
     python generate.py --out_dir=out-pystdlib --method=speculative --spec_exit=2 --spec_k=4
+    python generate.py --out_dir=out-pystdlib --method=speculative --spec_exit=auto --spec_k=8 --spec_stop=0.5
     torchrun --nproc_per_node=2 generate.py --out_dir=out-pystdlib --tp=2 --early_exit_thres=0.8
     torchrun --nproc_per_node=2 generate.py --out_dir=out-pystdlib --pp=2 --method=pipeline --early_exit_thres=0.8
     python generate.py --out_dir=out-pystdlib --prompts_file=prompts.jsonl --batch_size=8 --json
@@ -29,6 +30,7 @@ pairs (tune.py) runs with its own span by default.
 import json as _json  # (json is a key below)
 import sys
 import time
+from collections import Counter
 
 from checkpoint import load_model, tokenizer
 from configurator import check, configure, run, snapshot
@@ -53,7 +55,8 @@ seed = 1337
 method = 'recompute'            # 'full', 'recompute', 'speculative' or 'pipeline' (with pp > 1)
 early_exit_thres = None         # None: no early exit (recompute runs the full model)
 exit_layers = None              # exits allowed to fire (their exit_layers numbers); None: all
-spec_exit = None                # the exit_layers number of the drafting exit
+spec_exit = None                # the exit_layers number of the drafting exit, or 'auto' (adaptive: decode.DraftPlan)
+spec_stop = None                # end a draft when the drafting exit's max probability falls below this
 spec_k = 4                      # tokens drafted per verification
 show_exits = False              # colour each token by the exit it left from
 print_max_prob = False          # print each token's confidence at every exit it reached
@@ -70,7 +73,7 @@ max_len = None                  # the server's positions per row (prompt + token
 # -----------------------------------------------------------------------------
 DEFAULTS = snapshot(globals())
 TYPES = dict(dtype=str, prompt_file=str, prompts_file=str, prompt_ids=tuple, top_k=int, top_p=float, early_exit_thres=float, exit_layers=tuple,
-             spec_exit=int, layer_parallel=tuple, max_len=int)
+             spec_exit=(int, str), spec_stop=float, layer_parallel=tuple, max_len=int)
 # the ranges of the sampling keys, shared by the command line and the server (its field names)
 SAMPLING = {
     'max_new_tokens': (int, lambda v: 1 <= v <= 1 << 20, 'an int >= 1'),
@@ -80,6 +83,7 @@ SAMPLING = {
     'seed': (int, lambda v: 0 <= v < 2**63, 'an int in 0..2**63-1'),
     'early_exit_thres': (float, lambda v: 0 <= v <= 1, 'a number in [0, 1] (a max probability)'),
     'spec_k': (int, lambda v: 1 <= v <= 64, 'an int in 1..64 (tokens drafted per verification)'),
+    'spec_stop': (float, lambda v: 0 <= v <= 1, 'a number in [0, 1] (a max probability)'),
     'dtype': (str, lambda v: v in DTYPES, "'float32', 'bfloat16' or 'float16'"),
     'batch_size': (int, lambda v: 1 <= v <= 4096, 'an int in 1..4096'),
 }
@@ -298,11 +302,11 @@ def exits(cfg, mc):
     """The exit_layers and spec_exit keys as exit indices (None: all exits; no drafting exit)."""
     try:
         allowed = None if cfg['exit_layers'] is None else [mc.exit_index(L) for L in cfg['exit_layers']]
-        spec_exit = None if cfg['spec_exit'] is None else mc.exit_index(cfg['spec_exit'])
+        spec_exit = cfg['spec_exit'] if cfg['spec_exit'] in (None, 'auto') else mc.exit_index(cfg['spec_exit'])
     except ValueError as e:
         sys.exit(str(e))
     if cfg['method'] == 'speculative' and spec_exit is None:
-        sys.exit(f'method=speculative needs --spec_exit=L, one of {list(mc.exit_layers)}')
+        sys.exit(f"method=speculative needs --spec_exit=L, one of {list(mc.exit_layers)}, or 'auto'")
     return allowed, spec_exit
 
 
@@ -334,7 +338,7 @@ def many(cfg, model, encode, decode, decoder, eot):
     t0 = time.time()
     outs = generate_many(model, prompts, cfg['max_new_tokens'], cfg['method'], cfg['early_exit_thres'], allowed,
                          spec_exit, cfg['spec_k'], cfg['temperature'], cfg['top_k'], cfg['top_p'], cfg['seed'], eot,
-                         decoder=decoder, on_done=finished)
+                         decoder=decoder, on_done=finished, spec_stop=cfg['spec_stop'])
     dt = time.time() - t0
     n = sum(len(o['tokens']) for o in outs)
     print(f'---\n{len(prompts)} prompts, {n} tokens in {dt:.2f} s: {n / dt:.1f} tokens/s over {decoder.B} rows')
@@ -413,7 +417,8 @@ def main(args):
             show(tok, depth, {})
     else:
         out = generate(model, ids, cfg['max_new_tokens'], cfg['method'], cfg['early_exit_thres'], allowed, spec_exit,
-                       cfg['spec_k'], cfg['temperature'], cfg['top_k'], cfg['top_p'], cfg['seed'], eot, show, decoder)
+                       cfg['spec_k'], cfg['temperature'], cfg['top_k'], cfg['top_p'], cfg['seed'], eot, show, decoder,
+                       cfg['spec_stop'])
     dt = time.time() - t0
     n = len(out['tokens'])
     depths = out['depths']
@@ -421,7 +426,8 @@ def main(args):
     mean_depth = sum(depths) / n
     say(f"\n---\n{n} tokens in {dt:.2f} s: {n / dt:.1f} tokens/s; tokens per exit {share}; mean depth "
           f"{mean_depth:.2f} of {mc.n_layer} blocks (layer-count speedup {mc.n_layer / mean_depth:.2f}x)"
-          + (f"; drafts accepted {out['accepted']}/{out['drafted']}" if out['drafted'] else ''))
+          + (f"; drafts accepted {out['accepted']}/{out['drafted']}" if out['drafted'] else '')
+          + (f"; rounds per drafting exit {dict(Counter(L for L, _ in out['rounds']))}" if out.get('rounds') else ''))
     if cfg['json']:
         say(_json.dumps({'tokens': out['tokens'], 'depths': depths, 'text': decode(out['tokens']) if decode
                           else None, 'tokens_per_s': n / dt, 'accepted': out['accepted'], 'drafted': out['drafted']}))

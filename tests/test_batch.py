@@ -109,6 +109,10 @@ def test_cli_prompts_file(tmp_path, capsys):
         assert r['tokens'] == alone['tokens'] and r['text'] == decode_text(alone['tokens'])
         assert r['exit_layers'] == alone['depths']  # (exit_pre off: an exit's layer number is its depth)
     assert sum(line.startswith('--- [') for line in lines) == len(texts)
+    generate.main([f'--out_dir={tmp_path}', '--prompt=def f(x):', '--max_new_tokens=20', '--method=speculative',
+                   '--spec_exit=auto', '--spec_stop=0.5', '--json'])
+    auto = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert auto['tokens'] == decode.generate(model, encode('def f(x):'), 20, 'full')['tokens']
     (tmp_path / 'bad.jsonl').write_text('{"text": "ok"}\n{"txt": 1}\n')
     with pytest.raises(SystemExit, match='bad.jsonl:2: not a JSON object'):
         generate.main([f'--out_dir={tmp_path}', f'--prompts_file={tmp_path / "bad.jsonl"}'])
@@ -197,3 +201,40 @@ def test_bench_serve_runs_tiny_on_cpu():
     out = bench.main(['--mode=serve', '--shape=tiny', '--device=cpu', '--prompt_len=8', '--new_tokens=6',
                       '--clients=[1,3]', '--requests=2', '--dtype=float32'])
     assert [r['clients'] for r in out['runs']] == [1, 3] and all(r['tokens_per_s'] > 0 for r in out['runs'])
+
+
+@pytest.mark.parametrize('v', VARIANTS, ids=['gpt2-exit_block', 'llama-exit_mlp'])
+def test_adaptive_speculation_equals_full_greedy_and_adapts(v):
+    """spec_exit='auto': the full model's greedy tokens exactly, alone and batched, while the
+    drafting exit and the draft length change during the run."""
+    model = peaked_model(v)
+    for spec_stop in (None, 0.6):
+        outs = decode.generate_many(model, PROMPTS, 30, 'speculative', spec_exit='auto', spec_k=5,
+                                    spec_stop=spec_stop, batch_size=3)
+        for p, out in zip(PROMPTS, outs):
+            assert out['tokens'] == naive(model, p, 30)[0], (spec_stop, p)
+            alone = decode.generate(model, p, 30, 'speculative', spec_exit='auto', spec_k=5, spec_stop=spec_stop)
+            assert alone['rounds'] == out['rounds']
+        rounds = [r for o in outs for r in o['rounds']]
+        assert len({layer for layer, _ in rounds}) > 1 and len({k for _, k in rounds}) > 1, rounds
+        assert all(1 <= k <= 5 for _, k in rounds)
+
+
+def test_draft_plan_prefers_the_exit_that_is_accepted():
+    """The plan starts at the cheapest exit, leaves it when its drafts are rejected, and
+    settles on long drafts from the exit whose drafts are kept; a fixed exit drafts spec_k."""
+    model = peaked_model(VARIANTS[1])
+    plan = decode.DraftPlan(model, 'auto', 6)
+    assert plan.choose()[0] == 0  # no data: the same hopes for every exit, and the shallowest is cheapest
+    tried = []
+    for _ in range(60):
+        e, k = plan.choose()
+        tried.append(e)
+        plan.update(e, k if e == 1 else 0, k if e == 1 else 1)  # exit 1's drafts are kept, exit 0's never
+    assert 0 in tried and tried[-20:] == [1] * 20 and plan.choose() == (1, 6)
+    plan = decode.DraftPlan(model, 'auto', 6)
+    for _ in range(40):
+        e, k = plan.choose()
+        plan.update(e, 0, 1)  # nothing is ever kept: the shortest drafts
+    assert plan.choose()[1] == 1
+    assert decode.DraftPlan(model, 2, 3).choose() == (2, 3)

@@ -86,15 +86,16 @@ def test_val_losses_match_train_evaluate_and_a_loop(sweep):
 def test_generation_rows(sweep):
     _, result = sweep
     rows = result['rows']
-    assert [r['name'] for r in rows] == ['full'] + [f'{t:.2f}' for t in THRESHOLDS] + ['spec exit 1', 'spec exit 2']
+    spec = ['spec exit 1', 'spec exit 2', 'spec exit auto']
+    assert [r['name'] for r in rows] == ['full'] + [f'{t:.2f}' for t in THRESHOLDS] + spec
     for r in rows:
         assert sum(r['shares'].values()) == pytest.approx(1.0)
         assert r['tokens_per_s'] > 0 and 0 <= r['agreement'] <= 1
-    full, at0 = rows[0], rows[-3]
+    full, at0 = rows[0], rows[-4]
     assert full['agreement'] == 1.0 and full['speedup'] == 1.0 and full['shares']['final'] == 1.0
     assert at0['shares']['exit 1'] == 1.0 and at0['layer_speedup'] == 3.0  # every token leaves after block 1
-    assert all(r['next_line_em'] is not None for r in rows[:-2])
-    for r in rows[-2:]:
+    assert all(r['next_line_em'] is not None for r in rows[:-3])
+    for r in rows[-3:]:
         assert r['identical'] is True and r['agreement'] == 1.0 and 0 <= r['acceptance'] <= 1
     assert result['best'] in THRESHOLDS
 

@@ -176,9 +176,11 @@ def test_server_round_trip_and_bad_requests(tmp_path):
     server.shutdown()
 
 
-def test_speculative_sampling_keeps_the_full_distribution():
-    """The first sampled token's empirical distribution over many seeds, speculative vs the
-    full model's exact next-token distribution (a small vocabulary, deterministic seeds)."""
+@pytest.mark.parametrize('spec_exit', [0, 'auto'])
+def test_speculative_sampling_keeps_the_full_distribution(spec_exit):
+    """The first sampled token's empirical distribution over many seeds, speculative (a fixed
+    exit, or adaptive) vs the full model's exact next-token distribution (a small vocabulary,
+    deterministic seeds)."""
     model = peaked_model(dict(arch='llama', exit_layers=(1,), exit_norm=True, exit_untie=True, vocab_size=6))
     with torch.no_grad():
         model.lm_head.weight.div_(10)  # softer than the exit: drafts get rejected sometimes
@@ -186,7 +188,7 @@ def test_speculative_sampling_keeps_the_full_distribution():
     counts, n = torch.zeros(6), 1500
     accepted = 0
     for s in range(n):
-        out = decode.generate(model, [t % 6 for t in PROMPT[:3]], 1, 'speculative', spec_exit=0, spec_k=2,
+        out = decode.generate(model, [t % 6 for t in PROMPT[:3]], 1, 'speculative', spec_exit=spec_exit, spec_k=2,
                                 temperature=1.0, seed=s)
         counts[out['tokens'][0]] += 1
         accepted += out['accepted']
