@@ -59,6 +59,9 @@ exit_weight = 1.0
 exit_weight_init = None        # None: exit_weight (no warm-up); above exit_weight: a cool-down
 exit_weight_warmup_iters = 0
 exit_weight_warmup_style = 'linear'  # 'linear' or 'cosine'
+exit_curriculum = ''           # LayerSkip's: '' (every exit, every step), 'rotational' or 'gradual' (exit_curriculum())
+exit_rotation = 2              # 'rotational': each exit trains at every exit_rotation-th step
+exit_curriculum_iters = None   # 'gradual': steps until every exit is on (None: max_iters)
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
@@ -89,7 +92,8 @@ MODEL_KEYS = [f.name for f in fields(GPTConfig)]
 PER_EXIT_KEYS = ('exit_weight', 'exit_weight_init')  # a number, or a list with one per exit
 # the types of the keys whose default is None (the model's from GPTConfig's annotations)
 TYPES = dict({f.name: f.type for f in fields(GPTConfig)}, vocab_size=int, lr_decay_iters=int,
-             exit_weight_init=(int, float, tuple), fill_warmup=int, fill_cooldown=int, pp_layers=tuple)
+             exit_weight_init=(int, float, tuple), exit_curriculum_iters=int, fill_warmup=int, fill_cooldown=int,
+             pp_layers=tuple)
 positive = lambda v: v >= 1
 RULES = {  # key: (types, check, what is allowed), checked before a run starts
     **{k: (int, positive, 'an int >= 1') for k in ('batch_size', 'block_size', 'gradient_accumulation_steps',
@@ -137,10 +141,29 @@ def exit_weights(it, cfg, n_exits):
     style, warm = cfg['exit_weight_warmup_style'], cfg['exit_weight_warmup_iters']
     if style not in ('linear', 'cosine'):
         raise ValueError(f"exit_weight_warmup_style={style!r}; allowed: 'linear', 'cosine'")
-    if it >= warm:
-        return target
-    f = it / warm if style == 'linear' else (1 - math.cos(math.pi * it / warm)) / 2
-    return [i + f * (t - i) for i, t in zip(init, target)]
+    if it < warm:
+        f = it / warm if style == 'linear' else (1 - math.cos(math.pi * it / warm)) / 2
+        target = [i + f * (t - i) for i, t in zip(init, target)]
+    return [w * on for w, on in zip(target, exit_curriculum(it, cfg, n_exits))]
+
+
+def exit_curriculum(it, cfg, n_exits):
+    """Which exits train at step it (LayerSkip, Elhoushi et al. 2024, arXiv 2404.16710): all of
+    them; 'rotational', exit e at the steps with it % R == e % R (R = exit_rotation), so each
+    exit trains every R-th step; 'gradual', exit e (shallowest 0) from step T (n-1-e)/n on (T =
+    exit_curriculum_iters), the deepest first. A pure function of the step, the same in every
+    layout."""
+    kind, R = cfg['exit_curriculum'], cfg['exit_rotation']
+    T = cfg['exit_curriculum_iters'] if cfg['exit_curriculum_iters'] is not None else cfg['max_iters']
+    if kind == '':
+        return [True] * n_exits
+    if kind == 'rotational':
+        if not isinstance(R, int) or R < 1:
+            raise ValueError(f'exit_rotation={R!r}; allowed: an int >= 1')
+        return [it % R == e % R for e in range(n_exits)]
+    if kind == 'gradual':
+        return [it >= T * (n_exits - 1 - e) / n_exits for e in range(n_exits)]
+    raise ValueError(f"exit_curriculum={kind!r}; allowed: '', 'rotational', 'gradual'")
 
 
 def weighted_loss(model, x, y, w):

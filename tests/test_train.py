@@ -259,3 +259,15 @@ def test_bench_runs_tiny_on_cpu():
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])['runs'][0]
     assert result['tokens_per_s'] > 0 and result['exits'] == [1] and result['layout'] == 'dp1-pp1-tp1'
+
+
+def test_exit_curriculum_schedules():
+    cfg = dict(train.DEFAULTS, max_iters=8, exit_weight=(0.5, 1.0, 2.0))
+    assert [train.exit_weights(it, dict(cfg, exit_curriculum='rotational', exit_rotation=2), 3) for it in (0, 1)] == \
+        [[0.5, 0.0, 2.0], [0.0, 1.0, 0.0]]
+    gradual = [train.exit_weights(it, dict(cfg, exit_curriculum='gradual'), 3) for it in range(8)]
+    assert gradual[0] == [0.0, 0.0, 2.0] and gradual[3] == [0.0, 1.0, 2.0] and gradual[6] == [0.5, 1.0, 2.0]
+    with_warmup = dict(cfg, exit_curriculum='rotational', exit_weight_init=0.0, exit_weight_warmup_iters=4)
+    assert train.exit_weights(2, with_warmup, 3) == [0.25, 0.0, 1.0]  # warm-up, then the curriculum
+    with pytest.raises(ValueError, match="exit_curriculum='spiral'; allowed"):
+        train.exit_weights(0, dict(cfg, exit_curriculum='spiral'), 3)
