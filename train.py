@@ -59,7 +59,7 @@ exit_weight = 1.0
 exit_weight_init = None        # None: exit_weight (no warm-up); above exit_weight: a cool-down
 exit_weight_warmup_iters = 0
 exit_weight_warmup_style = 'linear'  # 'linear' or 'cosine'
-exit_curriculum = ''           # LayerSkip's: '' (every exit, every step), 'rotational' or 'gradual' (exit_curriculum())
+exit_curriculum = ''           # LayerSkip's: '' (every exit, every step), 'rotational' or 'gradual' (active_exits())
 exit_rotation = 2              # 'rotational': each exit trains at every exit_rotation-th step
 exit_curriculum_iters = None   # 'gradual': steps until every exit is on (None: max_iters)
 # system
@@ -144,10 +144,10 @@ def exit_weights(it, cfg, n_exits):
     if it < warm:
         f = it / warm if style == 'linear' else (1 - math.cos(math.pi * it / warm)) / 2
         target = [i + f * (t - i) for i, t in zip(init, target)]
-    return [w * on for w, on in zip(target, exit_curriculum(it, cfg, n_exits))]
+    return [w * on for w, on in zip(target, active_exits(it, cfg, n_exits))]
 
 
-def exit_curriculum(it, cfg, n_exits):
+def active_exits(it, cfg, n_exits):
     """Which exits train at step it (LayerSkip, Elhoushi et al. 2024, arXiv 2404.16710): all of
     them; 'rotational', exit e at the steps with it % R == e % R (R = exit_rotation), so each
     exit trains every R-th step; 'gradual', exit e (shallowest 0) from step T (n-1-e)/n on (T =
