@@ -280,50 +280,50 @@ def test_torchrun_training_matches_one_process(tmp_path):
     assert bad.returncode != 0 and 'gradient_accumulation_steps=1 is not divisible by dp=2' in bad.stderr
 
 
-def test_torchrun_3d_with_checkpoint_into_another_layout(tmp_path):
-    """dp2 x pp2 x tp2 on 8 ranks trains like one process; its checkpoint resumes in one process."""
-    corpus = tmp_path / 'corpus.txt'
-    corpus.write_text(open(os.path.join(ROOT, 'train.py')).read())
+def prepared(tmp_path, source):
+    """A byte-level dataset (tmp_path/data) of one of this repository's files."""
+    (tmp_path / 'corpus.txt').write_text(open(os.path.join(ROOT, source)).read())
     sys.path.insert(0, os.path.join(ROOT, 'data', 'text'))
     import prepare
-    prepare.main(['--input', str(corpus), '--out_dir', str(tmp_path / 'data')])
-    args = [f'--dataset={tmp_path / "data"}', '--device=cpu', '--dtype=float32', '--arch=llama', '--n_layer=4',
-            '--n_head=4', '--n_kv_head=2', '--n_embd=32', '--block_size=16', '--batch_size=2',
+    prepare.main(['--input', str(tmp_path / 'corpus.txt'), '--out_dir', str(tmp_path / 'data')])
+    return tmp_path / 'data'
+
+
+def resumed_like_one_process(tmp_path, run, args, n):
+    """Train n steps in one process (tmp_path/one); resume tmp_path/run in one process up to n
+    steps: the whole loss curve of the run equals the one process's."""
+    for out_dir, more in (('one', []), (run, ['--init_from=resume'])):
+        p = subprocess.run([sys.executable, 'train.py', f'--out_dir={tmp_path / out_dir}', f'--max_iters={n}'] + more
+                           + args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+    steps = [{r['iter']: r for r in map(json.loads, open(tmp_path / d / 'log.jsonl')) if 'loss' in r}
+             for d in ('one', run)]
+    assert sorted(steps[1]) == list(range(n))
+    for it in range(n):
+        assert steps[1][it]['loss'] == pytest.approx(steps[0][it]['loss'], rel=1e-4)
+        assert steps[1][it]['exit_losses'] == pytest.approx(steps[0][it]['exit_losses'], rel=1e-4)
+
+
+def test_torchrun_3d_with_checkpoint_into_another_layout(tmp_path):
+    """dp2 x pp2 x tp2 on 8 ranks trains like one process; its checkpoint resumes in one process."""
+    args = [f'--dataset={prepared(tmp_path, "train.py")}', '--device=cpu', '--dtype=float32', '--arch=llama',
+            '--n_layer=4', '--n_head=4', '--n_kv_head=2', '--n_embd=32', '--block_size=16', '--batch_size=2',
             '--gradient_accumulation_steps=4', '--exit_layers=[1,3]', '--exit_norm', '--eval_interval=3',
             '--eval_iters=2', '--log_interval=1', '--learning_rate=3e-3', '--lr_decay_iters=6']
-    one = subprocess.run([sys.executable, 'train.py', f'--out_dir={tmp_path / "one"}', '--max_iters=6'] + args,
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr
     three = torchrun(8, [f'--out_dir={tmp_path / "3d"}', '--max_iters=3', '--tp=2', '--pp=2', '--print_schedule']
                      + args, ROOT)
     assert three.returncode == 0, three.stderr[-3000:]
     assert 'dp2-pp2-tp2' in three.stdout and 'stage 1 |' in three.stdout
-    resumed = subprocess.run([sys.executable, 'train.py', f'--out_dir={tmp_path / "3d"}', '--max_iters=6',
-                              '--init_from=resume'] + args, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    steps = [{r['iter']: r for r in map(json.loads, open(tmp_path / d / 'log.jsonl')) if 'loss' in r}
-             for d in ('one', '3d')]
-    assert sorted(steps[1]) == list(range(6))
-    for it in range(6):
-        assert steps[1][it]['loss'] == pytest.approx(steps[0][it]['loss'], rel=1e-4)
-        assert steps[1][it]['exit_losses'] == pytest.approx(steps[0][it]['exit_losses'], rel=1e-4)
+    resumed_like_one_process(tmp_path, '3d', args, 6)
 
 
 def test_two_nodes_through_torchrun_rendezvous(tmp_path):
     """Two torchrun agents (two 'nodes' of 2 ranks on 127.0.0.1, c10d rendezvous), dp2 x tp2:
     the loss curve of one process, and a checkpoint that resumes in one process."""
-    corpus = tmp_path / 'corpus.txt'
-    corpus.write_text(open(os.path.join(ROOT, 'model.py')).read())
-    sys.path.insert(0, os.path.join(ROOT, 'data', 'text'))
-    import prepare
-    prepare.main(['--input', str(corpus), '--out_dir', str(tmp_path / 'data')])
-    args = [f'--dataset={tmp_path / "data"}', '--device=cpu', '--dtype=float32', '--n_layer=2', '--n_head=4',
-            '--n_embd=32', '--block_size=16', '--batch_size=2', '--gradient_accumulation_steps=2',
+    args = [f'--dataset={prepared(tmp_path, "model.py")}', '--device=cpu', '--dtype=float32', '--n_layer=2',
+            '--n_head=4', '--n_embd=32', '--block_size=16', '--batch_size=2', '--gradient_accumulation_steps=2',
             '--exit_layers=[1]', '--exit_norm', '--eval_interval=3', '--eval_iters=2', '--log_interval=1',
             '--learning_rate=3e-3', '--lr_decay_iters=5']
-    one = subprocess.run([sys.executable, 'train.py', f'--out_dir={tmp_path / "one"}', '--max_iters=5'] + args,
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
@@ -335,12 +335,4 @@ def test_two_nodes_through_torchrun_rendezvous(tmp_path):
     outs = [p.communicate(timeout=300) for p in nodes]
     assert all(p.returncode == 0 for p in nodes), [o[1][-2000:] for o in outs]
     assert any('dp2-pp1-tp2' in o[0] for o in outs)
-    resumed = subprocess.run([sys.executable, 'train.py', f'--out_dir={tmp_path / "two"}', '--max_iters=5',
-                              '--init_from=resume'] + args, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    steps = [{r['iter']: r for r in map(json.loads, open(tmp_path / d / 'log.jsonl')) if 'loss' in r}
-             for d in ('one', 'two')]
-    assert sorted(steps[1]) == list(range(5))
-    for it in range(5):
-        assert steps[1][it]['loss'] == pytest.approx(steps[0][it]['loss'], rel=1e-4)
-        assert steps[1][it]['exit_losses'] == pytest.approx(steps[0][it]['exit_losses'], rel=1e-4)
+    resumed_like_one_process(tmp_path, 'two', args, 5)
