@@ -50,6 +50,7 @@ class GPTConfig:
     block_size: int = 1024         # longest sequence (positions table / RoPE table)
     bias: bool = None              # None: True for gpt2, False for llama
     dropout: float = 0.0
+    layer_dropout: float = 0.0     # LayerSkip: in training block i skips a row w.p. layer_dropout * i / (n_layer-1)
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0    # llama only
     tie_embeddings: bool = None    # None: True for gpt2, False for llama
@@ -79,6 +80,7 @@ class GPTConfig:
         check(self.arch != 'llama' or self.head_dim % 2 == 0,
               f'head_dim={self.head_dim} must be even for RoPE (n_embd / n_head)')
         check(0.0 <= self.dropout < 1.0, f'dropout={self.dropout!r}; allowed: 0 <= dropout < 1')
+        check(0.0 <= self.layer_dropout < 1.0, f'layer_dropout={self.layer_dropout!r}; allowed: 0 <= it < 1')
         check(self.norm_eps > 0, f'norm_eps={self.norm_eps!r}; must be > 0')
         llama = self.arch == 'llama'
         if self.ffn_hidden is None:
@@ -467,33 +469,48 @@ class GPT(nn.Module):
     def loss(self, logits, targets):
         return cross_entropy(logits, targets, self.config.vocab_size, self.ps)
 
-    def run_blocks(self, x, rope=None, input_pos=None, exits=False):
-        """This rank's blocks on hidden state x. Returns (x, [(exit index, hidden it reads)])."""
+    def run_blocks(self, x, rope=None, input_pos=None, exits=False, keep=None):
+        """This rank's blocks on hidden state x. Returns (x, [(exit index, hidden it reads)]).
+        keep (n_layer, B) bool, in training: layer dropout's masks (layer_keep); a row that
+        block i does not keep passes through it unchanged."""
         taps = []
         recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
+        keep = keep.to(x.device) if keep is not None and self.training else None
         for i, block in self.blocks.items():
             if recompute:  # keep only the block's input; rerun it (same dropout masks) in the backward
-                x = checkpoint(block, x, rope, input_pos, use_reentrant=False)
+                y = checkpoint(block, x, rope, input_pos, use_reentrant=False)
             else:
-                x = block(x, rope, input_pos)
+                y = block(x, rope, input_pos)
+            x = y if keep is None else torch.where(keep[int(i), :, None, None], y, x)
             if exits:
                 taps += [(e, x) for e in self.exits_after.get(int(i) + block.width - 1, ())]
         return x, taps
 
-    def forward(self, idx, targets=None, exits=False, input_pos=None):
+    def forward(self, idx, targets=None, exits=False, input_pos=None, keep=None):
         """idx (B, T) token ids; targets (B, T) or None; exits: also compute every exit;
-        input_pos (T,) positions to write in and read from the KV cache (after setup_cache).
+        input_pos (T,) positions to write in and read from the KV cache (after setup_cache);
+        keep: layer dropout's masks (run_blocks).
         Without targets: returns (logits (B, T, V), [exit logits (B, T, V)]).
         With targets: returns (final CE, [exit CE]) for the caller to weight.
         With exits=False no exit computes anything and the list is empty."""
         x, pos = self.embed(idx, input_pos)
         rope = self.rope(pos)
-        x, taps = self.run_blocks(x, rope, input_pos, exits)
+        x, taps = self.run_blocks(x, rope, input_pos, exits, keep)
         outs = [self.exit_logits(e, h, rope, input_pos) for e, h in taps]
         logits = self.final_logits(x)
         if targets is None:
             return logits, outs
         return self.loss(logits, targets), [self.loss(lg, targets) for lg in outs]
+
+
+def layer_keep(cfg, batch_size, key):
+    """LayerSkip's layer dropout (Elhoushi et al. 2024, arXiv 2404.16710) for one micro-batch:
+    (n_layer, B) bool, False where block i skips row b, with probability rising linearly with
+    depth to layer_dropout at the last block. Drawn from a generator seeded by key alone (the
+    step and the micro-batch's place in the global batch), so that every layout draws the same."""
+    g = torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+    p = cfg.layer_dropout * torch.arange(cfg.n_layer, dtype=torch.float64) / max(1, cfg.n_layer - 1)
+    return torch.rand(cfg.n_layer, batch_size, generator=g, dtype=torch.float64) >= p[:, None]
 
 
 def pair_tensor(get, cfg, i, name):

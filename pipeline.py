@@ -258,9 +258,9 @@ def _p2p(ops, ps, bufs):
         req.wait()
 
 
-def pipeline_forward_backward(model, grads, batch, w, accum, ctx, scaler, ps, mbs, kind='1f1b'):
-    """Run this stage's schedule for one step. batch(k) gives microbatch k's (x, y);
-    w: exit weights. Returns the regular microbatches' loss sums (final, exits...) / accum,
+def pipeline_forward_backward(model, grads, batch, w, accum, ctx, scaler, ps, mbs, kind='1f1b', keep=None):
+    """Run this stage's schedule for one step. batch(k) gives microbatch k's (x, y), keep(k)
+    its layer-dropout masks (or None); w: exit weights. Returns the regular microbatches' loss sums (final, exits...) / accum,
     filled in on the stage that computes each (the caller sums over stages)."""
     s, param = ps.pp_rank, next(model.parameters())
     by_id = {m.id: m for m in mbs}
@@ -286,7 +286,7 @@ def pipeline_forward_backward(model, grads, batch, w, accum, ctx, scaler, ps, mb
                     inp, _ = model.embed(batch(act.mb)[0])
                 else:
                     inp = bufs.pop(('recv', 'act', act.mb)).requires_grad_(grad and s > m.bwd_start)
-                out, taps = model.run_blocks(inp, rope, exits=grad)
+                out, taps = model.run_blocks(inp, rope, exits=grad, keep=keep and keep(act.mb))
             if act.send:
                 bufs[('send', 'act', act.mb)] = out.detach()
             if grad:

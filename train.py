@@ -26,7 +26,7 @@ import torch.distributed as dist
 from checkpoint import Checkpoint, save_checkpoint
 from corpus import Batches, check_data, load_data
 from configurator import check, configure, run, snapshot
-from model import DTYPES, GPTConfig
+from model import DTYPES, GPTConfig, layer_keep
 from parallel import LOCAL, GradSync, ParallelState, check_layout, clip_grad_norm_, init_distributed
 from pipeline import (build_stage, draw, microbatches, pipeline_eval, pipeline_forward_backward,
                       plan_microbatches, schedule)
@@ -166,11 +166,11 @@ def active_exits(it, cfg, n_exits):
     raise ValueError(f"exit_curriculum={kind!r}; allowed: '', 'rotational', 'gradual'")
 
 
-def weighted_loss(model, x, y, w):
+def weighted_loss(model, x, y, w, keep=None):
     """The early-exit training objective, final CE + sum_e w_e * exit CE_e, and the default
     objective of the training step. An objective returns (the total to minimise, the losses
-    to log (n,), detached): here (final CE, exit CEs...)."""
-    loss, exit_losses = model(x, y, exits=len(w) > 0)
+    to log (n,), detached): here (final CE, exit CEs...). keep: layer dropout's masks."""
+    loss, exit_losses = model(x, y, exits=len(w) > 0, keep=keep)
     total = loss + sum(wi * li for wi, li in zip(w, exit_losses))
     return total, torch.stack([loss, *exit_losses]).detach()
 
@@ -231,19 +231,27 @@ def forward_backward(model, grads, batches, it, w, ctx, scaler, ps=LOCAL, object
         raise ValueError(f'gradient_accumulation_steps={accum} is not divisible by dp={ps.dp} '
                          f'(each dp rank takes an equal share of the global batch)')
     local = accum // ps.dp  # micro-batches of this rank: global indices dp_rank*local + m
+    cfg = model.config
+    # layer dropout's masks of global micro-batch g (the fills after the regular ones), for train.py's objective
+    keep = lambda g: layer_keep(cfg, batches.B, (batches.seed, it, g)) if cfg.layer_dropout and not objective else None
     if objective is None and ps.pp > 1:
         mbs = mbs or microbatches(ps.pp, local)  # (no fills)
         n_fill = len(mbs) - local
-        batch = lambda k: (batches.micro(it, ps.dp_rank * local + k) if k < local else
-                           batches.fill(it, ps.dp_rank * n_fill + k - local, n_fill * ps.dp))
-        sums = pipeline_forward_backward(model, grads, batch, w, accum, ctx, scaler, ps, mbs)
+        glob = lambda k: ps.dp_rank * local + k if k < local else accum + ps.dp_rank * n_fill + k - local
+        batch = lambda k: (batches.micro(it, glob(k)) if k < local else
+                           batches.fill(it, glob(k) - accum, n_fill * ps.dp))
+        sums = pipeline_forward_backward(model, grads, batch, w, accum, ctx, scaler, ps, mbs,
+                                         keep=lambda k: keep(glob(k)))
     else:
         sums = 0.0
         for m in range(local):
             x, y = batches.micro(it, ps.dp_rank * local + m)
             grads.sync = m == local - 1  # all-reduce during the last backward only
             with ctx:
-                total, losses = (objective or weighted_loss)(model, x, y, w)
+                if objective:
+                    total, losses = objective(model, x, y, w)
+                else:
+                    total, losses = weighted_loss(model, x, y, w, keep(ps.dp_rank * local + m))
             if total.requires_grad:  # (a pipeline stage without exits to tune has nothing to learn)
                 scaler.scale(total / accum).backward()
             sums = sums + losses.double() / accum

@@ -139,3 +139,21 @@ def test_flops_count_the_exits():
     plain, ee = GPT(tiny()), GPT(tiny(exit_layers=(1, 2)))
     extra = ee.flops_per_token(16) - plain.flops_per_token(16)
     assert extra == 2 * 6 * 61 * 32  # two shared-head output matmuls, forward and backward
+
+
+def test_layer_dropout_masks():
+    """LayerSkip's masks: the keep rate falls linearly with depth, the same for the same key,
+    and a row no block keeps is the embedding through the final head."""
+    from model import layer_keep
+    cfg = GPTConfig(arch='llama', n_layer=5, n_head=2, n_embd=16, vocab_size=32, block_size=8, layer_dropout=0.8)
+    keep = layer_keep(cfg, 20000, ('seed', 3, 1))
+    assert torch.equal(keep, layer_keep(cfg, 20000, ('seed', 3, 1))) and not torch.equal(keep, layer_keep(cfg, 20000, 0))
+    rates = 1 - keep.double().mean(1)
+    assert torch.allclose(rates, torch.tensor([0.0, 0.2, 0.4, 0.6, 0.8], dtype=torch.float64), atol=0.02)
+    model = GPT(cfg).double()
+    x = torch.randint(0, 32, (2, 8))
+    none = torch.zeros(5, 2, dtype=torch.bool)
+    logits, _ = model(x, keep=none)
+    torch.testing.assert_close(logits, model.final_logits(model.embed(x)[0]))
+    model.eval()  # evaluation never drops
+    torch.testing.assert_close(model(x, keep=none)[0], model(x)[0])

@@ -125,7 +125,8 @@ def test_layers_tp2():
 
 VARIANTS = [
     dict(arch='gpt2', exit_layers=(1, 2), exit_norm=True),                                # tied exits
-    dict(arch='llama', n_kv_head=2, exit_layers=(1, 2), exit_untie=True, exit_mlp=True, exit_norm=True),
+    dict(arch='llama', n_kv_head=2, exit_layers=(1, 2), exit_untie=True, exit_mlp=True, exit_norm=True,
+         layer_dropout=0.5),                                                             # LayerSkip's
     dict(arch='llama', n_kv_head=2, exit_layers=(2,), exit_block=True, exit_pre=True),
     dict(arch='gpt2', vocab_size=37, exit_layers=(1,), exit_block=True, exit_untie=True),  # padded vocab
 ]
