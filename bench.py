@@ -197,7 +197,8 @@ def speculation_round(dec, d, k, accepted):
     def fn():
         n = [len(t) for t in dec.tokens]
         for _ in range(k):
-            for r, (tok, *_) in dec.step({r: (set(), float('inf'), None) for r in rows}, {r: d for r in rows}).items():
+            drafting = {r: (set(), float('inf'), None) for r in rows}
+            for r, (tok, *_) in dec.step(drafting, stop_depth={r: d for r in rows}).items():
                 dec.tokens[r].append(tok)
         drafts = [t[n[r]:] for r, t in enumerate(dec.tokens)]
         for r in rows:

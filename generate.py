@@ -72,8 +72,9 @@ port = 5000
 max_len = None                  # the server's positions per row (prompt + tokens to generate); None: block_size
 # -----------------------------------------------------------------------------
 DEFAULTS = snapshot(globals())
-TYPES = dict(dtype=str, prompt_file=str, prompts_file=str, prompt_ids=tuple, top_k=int, top_p=float, early_exit_thres=float, exit_layers=tuple,
-             spec_exit=(int, str), spec_stop=float, layer_parallel=tuple, max_len=int)
+TYPES = dict(dtype=str, prompt_file=str, prompts_file=str, prompt_ids=tuple, top_k=int, top_p=float,
+             early_exit_thres=float, exit_layers=tuple, spec_exit=(int, str), spec_stop=float, layer_parallel=tuple,
+             max_len=int)
 # the ranges of the sampling keys, shared by the command line and the server (its field names)
 SAMPLING = {
     'max_new_tokens': (int, lambda v: 1 <= v <= 1 << 20, 'an int >= 1'),
