@@ -51,7 +51,7 @@ from torch.autograd import DeviceType
 import corpus
 import train
 from configurator import configure, run, snapshot
-from decode import Decoder, capture, compile_decode, full_vocab
+from decode import Decoder, Job, capture, compile_decode, full_vocab, run_jobs
 from model import DTYPES, GPT, GPTConfig
 from parallel import GradSync, ParallelState, init_distributed
 from pipeline import build_stage, plan_microbatches
@@ -171,39 +171,46 @@ def profile_to(cfg_b, name, fn, n=16):
         profiled(fn, n, os.path.join(cfg_b['profile'], name + '.txt'))
 
 
-def forced_exits(dec, rate):
-    """One decoding step of every row of dec where a share `rate` of each row's tokens exits
-    at the first exit (threshold 0) and the others run every block (threshold inf: the exit
-    is computed and read, and does not fire); rows fire independently (a golden-ratio
-    sequence per row, offset by the row). rate None: no exit is computed."""
-    phi = (5 ** 0.5 - 1) / 2
+def decoder_steps(dec, prompts, n, rate):
+    """generate.py's loop (decode.run_jobs) over one greedy job per row of dec: seconds per
+    decoding step (the first step, which follows the prefills, not counted) and the share of
+    tokens that left at an exit. A share `rate` of each row's tokens leaves at the first exit:
+    per token, threshold 0 (the exit fires) or 1.01 (its confidence is read and the token goes
+    on), from a golden-ratio sequence offset by the row, so rows fire independently. rate
+    None: no exit is computed."""
+    phi, stamps, jobs = (5 ** 0.5 - 1) / 2, [], []
+    fires = lambda i, r: 0.0 if (i * phi + r * phi * phi) % 1.0 < rate else 1.01
+    for r, p in enumerate(prompts):
+        job = Job(dec.cfg, dec.device, p, n, None if rate is None else fires(0, r), None if rate is None else {0})
 
-    def fn():
-        rules = {}
-        for r, toks in enumerate(dec.tokens):
-            fire = rate is not None and (len(toks) * phi + r * phi * phi) % 1.0 < rate
-            rules[r] = (set() if rate is None else {0}, 0.0 if fire else float('inf'), None)
-        for r, (tok, *_) in dec.step(rules).items():
-            dec.tokens[r].append(tok)
-    return fn
+        def on_token(*_, job=job, r=r):
+            stamps.append(time.perf_counter())
+            if rate is not None:
+                job.thres = fires(len(job.out['tokens']), r)
+        job.on_token = on_token
+        jobs.append(job)
+    waiting = iter(jobs)
+    run_jobs(dec, lambda: next(waiting, None), 'full' if rate is None else 'recompute')
+    exited = sum(d < dec.cfg.n_layer for j in jobs for d in j.out['depths']) / (len(jobs) * n)
+    return (stamps[-1] - stamps[len(jobs) - 1]) / (n - 1), exited
 
 
 def speculation_round(dec, d, k, accepted):
-    """One round of self-speculation for every row of dec: k drafts from depth d, one verify,
-    then each row keeps `accepted` drafts and the full model's token after them (k tokens
-    when all k are kept), as decode.run_jobs does with that acceptance."""
+    """One round of self-speculation for every row of dec as run_jobs does it (k greedy drafts
+    from depth d, read only after the verify), with a fixed acceptance: each row keeps
+    `accepted` drafts and the full model's token after them (k tokens when all k are kept)."""
     rows, m = range(dec.B), accepted + 1 if accepted < k else k
 
     def fn():
-        n = [len(t) for t in dec.tokens]
+        n, reads = [len(t) for t in dec.tokens], []
         for _ in range(k):
-            drafting = {r: (set(), float('inf'), None) for r in rows}
-            for r, (tok, *_) in dec.step(drafting, stop_depth={r: d for r in rows}).items():
-                dec.tokens[r].append(tok)
-        drafts = [t[n[r]:] for r, t in enumerate(dec.tokens)]
+            reads.append(dec.step({r: (set(), float('inf'), None) for r in rows}, stop_depth={r: d for r in rows})[1])
+            for r in rows:
+                dec.tokens[r].append(None)
         for r in rows:
             del dec.tokens[r][n[r]:]
         best = dec.verify({r: (d, k) for r in rows})[1].tolist()
+        drafts = [[later()[r][0] for later in reads] for r in rows]
         for r in rows:
             dec.tokens[r] += drafts[r][:m - 1] + [int(best[r][m - 1][1])]
             del dec.done[r][len(dec.tokens[r]) - 1:]
@@ -269,18 +276,24 @@ def decode(cfg_b, ps, dev):
                 k, acc = cfg_b['spec_k'], cfg_b['spec_accepted']
                 prompts = torch.randint(0, mcfg.vocab_size, (B, P + 1)).tolist()
                 d = mcfg.exits[0].depth
-                kinds = {'decoder' + ('' if rate is None else f', {rate:.0%} exit at {mcfg.exit_layers[0]}'):
-                         (forced_exits(dec, rate), 1, rate) for rate in (None,) + tuple(cfg_b['exit_rates'])}
-                fn, m = speculation_round(dec, d, k, acc)
-                kinds[f'speculative from {mcfg.exit_layers[0]}, {acc} of {k} drafts kept'] = (fn, m, None)
                 dec.reserve(P + N * k + k + 8)
-                for kind, (fn, m, rate) in kinds.items():
-                    def restart(rep):
-                        for r in range(B):
-                            dec.start(prompts[r], P + N * k + k + 8, row=r)
-                    record(kind, B, time_steps(restart, fn, N, cuda) / m, P + N * m / 2, rate)
-                    restart(0)
-                    profile_to(cfg_b, f'{kind}_B{B}', fn, N)
+                for rate in (None,) + tuple(cfg_b['exit_rates']):  # generate.py's loop, timed per step
+                    times = [decoder_steps(dec, prompts, N, rate) for _ in range(4)]
+                    kind = 'decoder' + ('' if rate is None else f', {rate:.0%} exit at {mcfg.exit_layers[0]}')
+                    record(kind, B, statistics.median(t for t, _ in times[1:]), P + N / 2, rate)
+                    results[-1]['exited'] = round(times[-1][1], 3)
+                    profile_to(cfg_b, f'{kind}_B{B}_per_{N}_steps', lambda: decoder_steps(dec, prompts, N, rate), 2)
+                fn, m = speculation_round(dec, d, k, acc)
+
+                def restart(rep):
+                    for r in range(B):
+                        dec.start(prompts[r], P + N * k + k + 8, row=r)
+                record(f'speculative from {mcfg.exit_layers[0]}, {acc} of {k} drafts kept', B,
+                       time_steps(restart, fn, N, cuda) / m, P + N * m / 2)
+                restart(0)
+                profile_to(cfg_b, f'speculative_B{B}', fn, N)
+                for r in range(B):
+                    dec.free(r)
                 del dec
                 model.use_cache(None)
     for r in results:  # speed against the same run without pairs, and early exit against the plain decoder

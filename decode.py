@@ -100,6 +100,22 @@ def compile_decode(fn):
     return torch.compile(fn, dynamic=False)
 
 
+def upload(values, like):
+    """A host list as a tensor on like's device, copied without making the host wait for the
+    device (CUDA: from pinned memory; the copy runs in stream order)."""
+    if not like.is_cuda:
+        return torch.tensor(values, dtype=like.dtype)
+    return torch.tensor(values, dtype=like.dtype, pin_memory=True).to(like.device, non_blocking=True)
+
+
+def fetch(t):
+    """A copy of t on the host that does not wait for the device (CUDA: pinned memory, in
+    stream order; read it after an event recorded later on the stream has completed)."""
+    if not t.is_cuda:
+        return t.clone()
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+
+
 def capture(fn, warmup=1, pool=None):
     """fn captured as a CUDA graph: (graph, fn's outputs, which each replay refills). The
     warm-up runs (compilation, lazy initialisation, NCCL communicators, cuBLAS handles)
@@ -229,7 +245,10 @@ class Decoder:
             sel = slice(None) if m.exits[str(head)].block is not None else slice(T - rows, None)
             logits = call(m.exit_logits, head, h[:, sel], m.rope(table_pos[:, sel]), pos[:, sel])[:, -rows:]
         logits = full_vocab(m, logits)                                   # (B, rows, V)
-        return logits, call(confidence, logits)
+        conf = call(confidence, logits)
+        live = pos[:, -1:] != self.spare                                  # (B, 1): rows with a chunk here
+        self.tok.copy_(torch.where(live, conf[:, -1:, 1].long(), self.tok))  # the greedy token: next input
+        return logits, conf
 
     def run(self, a, b, head, chunks, rows=1):
         """segment() for chunks {row: (first position, end)} (the other rows point at the spare
@@ -240,7 +259,7 @@ class Decoder:
             pos[r][T - (e - s):] = range(s, e)
         if T not in self.pos:
             self.pos[T] = torch.empty(self.B, T, dtype=torch.long, device=self.device)
-        self.pos[T].copy_(torch.tensor(pos))
+        self.pos[T].copy_(upload(pos, self.pos[T]))
         fn = lambda: self.segment(a, b, T, head, rows)
         if not self.graphs or T > self.MAX_CHUNK:
             return fn()
@@ -276,32 +295,61 @@ class Decoder:
         """Process the last token of each row in rules {row: (allowed exits (indices), thres,
         pick)} through this stage, bringing every pending position along; at each allowed
         exit, if its max prob >= thres, the row emits from it. stop_depth ({row: depth}): run
-        that row no deeper (drafting). pick(logits (1, V)) -> token; None: greedy. On a pipeline stage after
-        the first, h (B, 1, C) is each row's token's hidden state from the stage before, and
-        decided says an earlier stage has emitted it: then only the KV is computed here.
-        Returns {row: (token, depth it left at, {depth: max prob}, its logits (1, V), the log
-        prob of the token)}, without the rows whose token leaves this stage undecided (their
-        hidden states are then in hid)."""
-        L = self.cfg.n_layer
+        that row no deeper (drafting). pick(logits (1, V)) -> token; None: greedy. Every head
+        writes its greedy token into the next step's input on the device, so a row's last
+        token may be None on the host (not read yet). On a pipeline stage after the first, h
+        (B, 1, C) is each row's token's hidden state from the stage before, and decided says
+        an earlier stage has emitted it: then only the KV is computed here.
+
+        Returns (now, later): now {row: (token, depth it left at, {depth: max prob}, its
+        logits (1, V), the log prob of the token)} for the rows the host had to read to
+        decide (an exit's threshold, sampling); later() the same for the other rows, whose
+        reads are on their way to the host: a caller may launch the next step first, so that
+        the device does not wait for the host between tokens. Rows whose token leaves this
+        stage undecided are in neither (their hidden states are in hid)."""
+        L, inf = self.cfg.n_layer, float('inf')
         t = {r: len(self.tokens[r]) - 1 for r in rules}
-        if h is None:
-            self.tok.copy_(torch.tensor([[self.tokens[r][t[r]] if r in t else 0] for r in range(self.B)]))
+        if h is None:  # the tokens the host knows; the others are on the device already
+            known = {r: self.tokens[r][t[r]] for r in rules if self.tokens[r][t[r]] is not None}
+            if known:
+                new = upload([[known.get(r, -1)] for r in range(self.B)], self.tok)
+                self.tok.copy_(torch.where(new >= 0, new, self.tok))
         for r in rules:
             if h is not None:
                 self.hid[r, t[r]] = h[r, -1]
             self.done[r].append(self.lo)
         if decided:  # only this stage's exits that keep a KV cache run, and none decides
             kv = {e for e in self.exit_at.values() if self.model.exits[str(e)].block is not None}
-            rules = {r: (allowed & kv, float('inf'), pick) for r, (allowed, _, pick) in rules.items()}
+            rules = {r: (allowed & kv, inf, pick) for r, (allowed, _, pick) in rules.items()}
         wanted = set().union(*(allowed for allowed, _, _ in rules.values()))
         stop = {r: (stop_depth or {}).get(r) for r in rules}
         bounds = sorted({d for d, e in self.exit_at.items() if e in wanted} | {self.hi}
                         | {d for d in stop.values() if d is not None})
-        out, probs, a = {}, {r: {} for r in rules}, self.lo
+        now, later, probs, a = {}, {}, {r: {} for r in rules}, self.lo
+        unread = []  # (depth, head, rows, their (max prob, argmax, log prob) on the way to the host)
+
+        def read(b, head, rows, conf, logits=None):
+            for r in sorted(rows):
+                allowed, thres, pick = rules[r]
+                p, best, lp = conf[r]
+                if head in allowed or b == stop[r]:
+                    probs[r][b] = p
+                if b == L or (head in allowed and p >= thres) or b == stop[r]:
+                    tok = int(best) if pick is None else pick(logits[r, -1:])
+                    if tok != int(best):
+                        lp = float(logits[r, -1].float().log_softmax(-1)[tok])
+                    (now if logits is not None else later)[r] = (tok, b, probs[r], None if logits is None
+                                                                  else logits[r, -1:], lp)
+
+        def settle():
+            for b, head, rows, conf in unread:
+                read(b, head, rows, conf.tolist())
+            unread.clear()
+
         for b in bounds:  # (every row decides at its stop depth, the stage's last block at the latest)
             chunks = {}
-            for r in rules.keys() - out.keys():  # positions needing block a: a suffix, those stopped at depth <= a
-                s, done = t[r], self.done[r]
+            for r in rules.keys() - now.keys() - later.keys():  # positions needing block a: a suffix,
+                s, done = t[r], self.done[r]                      # those stopped at depth <= a
                 while s > 0 and done[s - 1] <= a:
                     s -= 1
                 chunks[r] = (s, t[r] + 1)
@@ -309,23 +357,30 @@ class Decoder:
             head = self.exit_at.get(b) if b < L else None if decided else 'final'
             logits, conf = self.run(a, b, head, chunks)
             if head is None:  # the end of this stage, undecided (or decided before it)
-                return out
-            conf = conf[:, -1].tolist()  # the one read per segment, for every row
-            for r in sorted(chunks):
-                allowed, thres, pick = rules[r]
-                p, best, lp = conf[r]
-                here = head in allowed
-                if here or b == stop[r]:
-                    probs[r][b] = p
-                if b == L or (here and p >= thres) or b == stop[r]:
-                    tok = int(best) if pick is None else pick(logits[r, -1:])
-                    if tok != int(best):
-                        lp = float(logits[r, -1].float().log_softmax(-1)[tok])
-                    out[r] = (tok, b, probs[r], logits[r, -1:], lp)
-            if len(out) == len(rules):
+                break
+            ending = [r for r in chunks if b == L or b == stop[r]]
+            if any(head in rules[r][0] and rules[r][1] < inf for r in chunks) or \
+                    any(rules[r][2] is not None for r in ending):  # the host decides: read now
+                read(b, head, chunks, conf[:, -1].tolist(), logits)  # (one read for every row)
+                settle()
+            else:
+                unread.append((b, head, list(chunks), fetch(conf[:, -1])))
+                later.update(dict.fromkeys(ending))
+            if len(now) + len(later) == len(rules):
                 break
             a = b
-        return out
+        if not unread:
+            return now, lambda: later
+        arrived = torch.cuda.Event() if self.device.type == 'cuda' else None
+        if arrived:
+            arrived.record()
+
+        def wait():
+            if arrived:
+                arrived.synchronize()
+            settle()
+            return later
+        return now, wait
 
 
 def span(prompt, max_new_tokens, method, spec_k, block_size):
@@ -437,9 +492,10 @@ def run_jobs(dec, take, method='recompute', spec_exit=None, spec_k=4, spec_stop=
     DraftPlan says (spec_exit and spec_k, or 'auto': adaptive; spec_stop: a draft ends when
     the drafter's confidence falls below it) and is verified on its own, keeping only its
     own accepted drafts."""
-    cfg, L = dec.cfg, dec.cfg.n_layer
+    cfg, L, inf = dec.cfg, dec.cfg.n_layer, float('inf')
     check_method(cfg, method, spec_exit, spec_k)
     jobs = {}  # row: job
+    pending = []  # a step launched before the one before it was read: (later, {row: (job, token's index)})
 
     def finish(r):
         dec.free(r)
@@ -454,6 +510,15 @@ def run_jobs(dec, take, method='recompute', spec_exit=None, spec_k=4, spec_stop=
             return True
         return False
 
+    def place(results, slots):
+        """A step's tokens into the slots it left in dec.tokens, and to their jobs (unless over since)."""
+        for r, (tok, depth, probs, _, logprob) in sorted(results.items()):
+            job, i = slots[r]
+            if jobs.get(r) is job:
+                dec.tokens[r][i] = tok
+                if job.emit(tok, depth, probs, logprob):
+                    finish(r)
+
     while True:
         for r in range(dec.B):  # fill the free rows
             while r not in jobs:
@@ -464,12 +529,27 @@ def run_jobs(dec, take, method='recompute', spec_exit=None, spec_k=4, spec_stop=
                 dec.start(job.prompt, span(job.prompt, job.max_new_tokens, method, spec_k, cfg.block_size), row=r)
                 if job.max_new_tokens == 0:
                     finish(r)
-        if not jobs:
+        if not jobs and not pending:
             return
         if method != 'speculative':
-            rules = {r: (set() if method == 'full' else j.allowed, j.thres, j.pick) for r, j in jobs.items()}
-            for r, (tok, depth, probs, _, logprob) in dec.step(rules).items():
-                emit(r, tok, depth, probs, logprob)
+            # the host runs a step ahead: step t+1 is launched before step t's greedy tokens are
+            # read (they are its input on the device already); a row stops being stepped once
+            # its tokens in flight reach max_new_tokens, and a row ended by its stop token has
+            # one step computed for nothing
+            rules = {r: (set() if method == 'full' else j.allowed, j.thres, j.pick) for r, j in jobs.items()
+                     if len(dec.tokens[r]) - len(j.prompt) < j.max_new_tokens}
+            launched = []
+            if rules:
+                now, later = dec.step(rules)
+                slots = {r: (jobs[r], len(dec.tokens[r])) for r in rules}
+                for r in rules:
+                    dec.tokens[r].append(None)
+                launched = [(later, slots)]
+            for later_before, slots_before in pending:
+                place(later_before(), slots_before)
+            if rules:
+                place(now, slots)
+            pending = launched
             continue
         plan = {}
         for r, j in jobs.items():
@@ -478,11 +558,17 @@ def run_jobs(dec, take, method='recompute', spec_exit=None, spec_k=4, spec_stop=
         k = {r: kr for r, (_, kr) in plan.items()}
         depth = {r: cfg.exits[e].depth for r, (e, _) in plan.items()}
         n, drafts, qs = {r: len(dec.tokens[r]) for r in jobs}, {r: [] for r in jobs}, {r: [] for r in jobs}
+        unread = []  # greedy drafts not read yet: (later, {row: draft index})
         while True:  # draft with each row's exit (layers < its depth, the shared KV)
-            drafting = {r: (set(), float('inf'), jobs[r].pick) for r in jobs if len(drafts[r]) < k[r]}
+            # (with spec_stop the drafting exit's confidence is read at once: a threshold there)
+            drafting = {r: (set() if spec_stop is None else {plan[r][0]}, inf if spec_stop is None else spec_stop,
+                            jobs[r].pick) for r in jobs if len(drafts[r]) < k[r]}
             if not drafting:
                 break
-            for r, (tok, _, probs, logits, _) in dec.step(drafting, stop_depth=depth).items():
+            now, later = dec.step(drafting, stop_depth=depth)
+            unread.append((later, {r: len(drafts[r]) for r in drafting}))
+            for r in drafting:
+                tok, _, probs, logits, _ = now.get(r, (None,) * 5)
                 drafts[r].append(tok)
                 qs[r].append(jobs[r].dist(logits) if jobs[r].temperature else None)
                 dec.tokens[r].append(tok)
@@ -493,6 +579,9 @@ def run_jobs(dec, take, method='recompute', spec_exit=None, spec_k=4, spec_stop=
         # verify: the remaining layers for each row's drafted positions in one forward
         full, best = dec.verify({r: (depth[r], k[r]) for r in jobs})  # (B, K, V): the full model after each
         best, K = best.tolist(), max(k.values())
+        for later, index in unread:
+            for r, (tok, *_) in later().items():
+                drafts[r][index[r]] = tok
         for r, job in list(jobs.items()):
             job.out['drafted'] += k[r]
             job.out['rounds'].append((cfg.exits[plan[r][0]].layer, k[r]))
@@ -606,7 +695,8 @@ def generate_pipelined(model, prompt, max_new_tokens, thres=None, allowed=None, 
                     send(Message.pack(stop=True, device=dev), s + 1)
                 break
             h = recv((1, 1, C), dec.dtype, s - 1)
-        choice = dec.step({0: (allowed, thres, pick)}, h=h, decided=decided).get(0)
+        now, later = dec.step({0: (allowed, thres, pick)}, h=h, decided=decided)
+        choice = now.get(0) or later().get(0)
         msg = Message.pack(choice is not None, *(choice[:2] if choice else (-1, 0)), device=dev)
         if not model.last:
             send(Message.pack(decided or choice is not None, device=dev), s + 1)

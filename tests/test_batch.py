@@ -47,7 +47,7 @@ def test_refilled_row_decodes_as_alone():
     (stop tokens, lengths) and take the next prompt while the other row goes on."""
     model = peaked_model(VARIANTS[1])
     prompts = PROMPTS + [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [44, 3]]
-    for method, kw in (('recompute', dict(thres=0.6)), ('speculative', dict(spec_exit=1, spec_k=3))):
+    for method, kw in (('full', {}), ('recompute', dict(thres=0.6)), ('speculative', dict(spec_exit=1, spec_k=3))):
         alone = [decode.generate(model, p, 12, method, **kw) for p in prompts]
         stop = alone[0]['tokens'][4]  # a token that ends some sequences early
         alone = [decode.generate(model, p, 12, method, stop=stop, **kw) for p in prompts]
@@ -183,6 +183,38 @@ def test_server_batches_concurrent_requests():
     assert put(bodies[1]) == sequential[1]
     srv.shutdown()
     srv.server_close()
+
+
+def test_host_runs_a_step_ahead_where_nothing_is_decided():
+    """Greedy full decoding launches step t+1 before it reads step t (the token is fed back on
+    the device); an exit's threshold or a sampled row is read within its own step."""
+    model = peaked_model(VARIANTS[1])
+    dec = decode.Decoder(model, batch_size=3)
+    events, step = [], dec.step
+
+    def logged(*a, **kw):
+        now, later = step(*a, **kw)
+        n = sum(e[0] == 'step' for e in events)
+        events.append(('step', n, sorted(now)))
+
+        def read():
+            events.append(('read', n))
+            return later()
+        return now, read
+    dec.step = logged
+    outs = decode.generate_many(model, PROMPTS, 6, 'full', decoder=dec)
+    assert [o['tokens'] for o in outs] == [naive(model, p, 6)[0] for p in PROMPTS]
+    steps = [e for e in events if e[0] == 'step']
+    assert len(steps) == 6 and all(now == [] for _, _, now in steps)  # nothing read within a step
+    for n in range(5):  # step n is read after step n + 1 is launched
+        assert events.index(('read', n)) > events.index(steps[n + 1])
+    events.clear()
+    outs = decode.generate_many(model, PROMPTS, 8, 'recompute', thres=0.6, decoder=dec)
+    exited = sum(d < model.config.n_layer for o in outs for d in o['depths'])
+    assert exited and exited == sum(len(e[2]) for e in events if e[0] == 'step')  # read: the exited tokens
+    events.clear()
+    decode.generate_many(model, PROMPTS, 4, 'full', decoder=dec, temperature=1.0, seed=0)
+    assert all(e[2] == [0, 1, 2] for e in events if e[0] == 'step')  # sampled: read within the step
 
 
 def test_decoder_keeps_no_autograd_state():
