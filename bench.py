@@ -42,6 +42,8 @@ measured in the same run; 'of_bound' is that floor over the measured step time.
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -286,8 +288,7 @@ def decode(cfg_b, ps, dev):
                 fn, m = speculation_round(dec, d, k, acc)
 
                 def restart(rep):
-                    for r in range(B):
-                        dec.start(prompts[r], P + N * k + k + 8, row=r)
+                    dec.start(dict(enumerate(prompts)), P + N * k + k + 8)
                 record(f'speculative from {mcfg.exit_layers[0]}, {acc} of {k} drafts kept', B,
                        time_steps(restart, fn, N, cuda) / m, P + N * m / 2)
                 restart(0)
@@ -308,11 +309,23 @@ def decode(cfg_b, ps, dev):
     return results
 
 
+CLIENT = """
+import http.client, json, sys
+port, n, P, N, c = map(int, sys.argv[1:])
+print('ready', flush=True)
+sys.stdin.readline()
+for i in range(n):
+    body = json.dumps({'prompts': [f'{c:04d}{i:04d}'.ljust(P, 'x')], 'tokens_to_generate': N}).encode()
+    conn = http.client.HTTPConnection('127.0.0.1', port, timeout=600)
+    conn.request('PUT', '/api', body=body, headers={'Content-Length': str(len(body))})
+    assert conn.getresponse().status == 200
+"""
+
+
 def serve_load(cfg_b, ps, dev):
     """generate.py's server (its Batcher, batch rows = the most clients) under N concurrent
     clients, each sending `requests` requests one after another (prompt_len bytes, new_tokens
     greedy tokens each, no early exit): requests/s and generated tokens/s, against one client."""
-    import http.client
     import threading
     import generate
     mcfg = GPTConfig(**dict(dict(arch=cfg_b['arch'], exit_layers=cfg_b['exit_layers']), **SHAPES[cfg_b['shape']]))
@@ -328,20 +341,19 @@ def serve_load(cfg_b, ps, dev):
     srv = generate.make_server(model, encode, decode_text, 0, decoder=dec, max_len=P + N + 8)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
 
-    def client(c, n):
-        for i in range(n):
-            body = json.dumps({'prompts': [f'{c:04d}{i:04d}'.ljust(P, 'x')], 'tokens_to_generate': N}).encode()
-            conn = http.client.HTTPConnection('127.0.0.1', srv.server_port, timeout=600)
-            conn.request('PUT', '/api', body=body, headers={'Content-Length': str(len(body))})
-            assert conn.getresponse().status == 200
-
     def load(n_clients, n):
-        threads = [threading.Thread(target=client, args=(c, n)) for c in range(n_clients)]
+        """Seconds for n_clients client processes (as real clients are: none shares the server's
+        interpreter) to send n requests each, one after another, all starting together."""
+        clients = [subprocess.Popen([sys.executable, '-c', CLIENT, str(srv.server_port), str(n), str(P), str(N), str(c)],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for c in range(n_clients)]
+        for p in clients:
+            assert p.stdout.readline().strip() == 'ready'
         t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        for p in clients:
+            p.stdin.write('go\n')
+            p.stdin.flush()
+        for p in clients:
+            assert p.wait() == 0, 'a client failed'
         return time.perf_counter() - t0
 
     load(rows, 1)  # warm-up: compilation and CUDA graphs

@@ -194,24 +194,34 @@ class Decoder:
             self.max_len = self.spare = size
 
     @torch.no_grad()
-    def start(self, prompt, n, h=None, row=0):
-        """A new sequence of at most n positions in row `row`: the prompt but its last token
-        through this stage's blocks (h (1, len(prompt) - 1, C): their hidden states from the
-        previous stage) and the exits that keep a KV cache. Decoding starts at the last
-        prompt token. Returns the prompt's hidden states after this stage's blocks (None if
-        just one token)."""
-        self.free(row)
+    def start(self, prompts, n, h=None):
+        """New sequences of at most n positions, prompts {row: token ids}: every prompt but its
+        last token through this stage's blocks (and the exits that keep a KV cache) in one
+        forward for all the rows, each prompt right-aligned and padded on the left at the spare
+        slot (the rows in between that start nothing, too). On a pipeline stage after the
+        first (one row), h (1, len(prompt) - 1, C) is the prompt's hidden states from the stage
+        before. Decoding starts at each last prompt token. Returns the prompts' hidden states
+        after this stage's blocks (rows, K, C), or None if every prompt is one token."""
+        rows = sorted(prompts)
+        for r in rows:
+            self.free(r)
         self.reserve(n)
-        m = self.model
-        self.tokens[row], k = list(prompt), len(prompt) - 1
-        self.done[row] = [self.cfg.n_layer] * k
-        if k == 0:
+        m, K = self.model, max(len(p) for p in prompts.values()) - 1
+        for r in rows:
+            self.tokens[r], self.done[r] = list(prompts[r]), [self.cfg.n_layer] * (len(prompts[r]) - 1)
+        if K == 0:
             m.use_cache(self.caches)
             return None
-        m.use_cache([c.row(row) for c in self.caches])  # this row alone
-        pos = self.arange[:k]
-        x = m.embed(torch.tensor([self.tokens[row][:k]], device=self.device), pos)[0] if m.first else h
-        rope = m.rope(pos)
+        lo, hi = rows[0], rows[-1] + 1
+        pos, ids = [[self.spare] * K for _ in range(lo, hi)], [[0] * K for _ in range(lo, hi)]
+        for r in rows:
+            k = len(prompts[r]) - 1
+            pos[r - lo][K - k:], ids[r - lo][K - k:] = range(k), prompts[r][:k]
+        pos = torch.tensor(pos, device=self.device)                     # (rows, K)
+        table_pos = pos.clamp(max=self.cfg.block_size - 1)
+        m.use_cache([c.rows(lo, hi) for c in self.caches])              # these rows alone
+        x = m.embed(torch.tensor(ids, device=self.device), table_pos)[0] if m.first else h
+        rope = m.rope(table_pos)
         x, taps = m.run_blocks(x, rope, pos, exits=True)
         for e, hidden in taps:
             if m.exits[str(e)].block is not None:
@@ -265,9 +275,10 @@ class Decoder:
             return fn()
         key = (a, b, T, head, rows)
         if key not in self.captured:
-            saved = self.hid.clone()
+            saved = self.hid.clone(), self.tok.clone()
             self.captured[key] = capture(fn, pool=self.pool)
-            self.hid.copy_(saved)  # undo the warm-up (its KV writes repeat with the same values)
+            for t, was in zip((self.hid, self.tok), saved):  # undo the warm-up (its KV writes repeat
+                t.copy_(was)                                   # with the same values)
         graph, outs = self.captured[key]
         graph.replay()
         return outs
@@ -520,15 +531,20 @@ def run_jobs(dec, take, method='recompute', spec_exit=None, spec_k=4, spec_stop=
                     finish(r)
 
     while True:
-        for r in range(dec.B):  # fill the free rows
+        admitted = {}
+        for r in range(dec.B):  # fill the free rows; their prompts go through the model together
             while r not in jobs:
                 job = take()
                 if job is None:
                     break
                 jobs[r] = job
-                dec.start(job.prompt, span(job.prompt, job.max_new_tokens, method, spec_k, cfg.block_size), row=r)
                 if job.max_new_tokens == 0:
                     finish(r)
+                else:
+                    admitted[r] = job
+        if admitted:
+            dec.start({r: j.prompt for r, j in admitted.items()},
+                      max(span(j.prompt, j.max_new_tokens, method, spec_k, cfg.block_size) for j in admitted.values()))
         if not jobs and not pending:
             return
         if method != 'speculative':
@@ -680,7 +696,7 @@ def generate_pipelined(model, prompt, max_new_tokens, thres=None, allowed=None, 
 
     n0 = len(prompt) - 1
     h = recv((1, n0, C), dec.dtype, s - 1) if n0 and not model.first else None
-    h = dec.start(prompt, span(prompt, max_new_tokens, 'full', 0, cfg.block_size), h)  # the prefill
+    h = dec.start({0: prompt}, span(prompt, max_new_tokens, 'full', 0, cfg.block_size), h)  # the prefill
     if n0 and not model.last:
         send(h, s + 1)
     out = {'tokens': [], 'depths': [], 'drafted': 0, 'accepted': 0}

@@ -76,7 +76,8 @@ spec_exits = None               # exit_layers numbers to draft with (self-specul
 spec_k = 4                      # tokens drafted per verification
 compile = False                 # compile the decoder's blocks and heads (generate.py's key)
 report = ''                     # file prefix for .csv/.json/.png/.exits.txt; '': out_dir/frontier
-calibrate = None                # EPS: the loosest threshold whose tokens differ from the full model's on <= EPS of them
+calibrate = None                # EPS (or [EPS, ...]): the loosest threshold whose tokens differ from the full
+                                # model's on <= EPS of them
 delta = 0.05                    # ... with probability >= 1 - delta over the calibration data (Learn-then-Test)
 calib_splits = 20               # random calibration/test halves the guarantee is checked on
 # -----------------------------------------------------------------------------
@@ -241,7 +242,7 @@ def timed(model, prompts, n, dev, repeats, decoder, **kw):
     for p in prompts:
         runs = [clock(lambda: generate(model, p, n, stop=None, decoder=decoder, **kw))
                 for _ in range(repeats)]  # (the first warms up)
-        prefill = min(clock(lambda: decoder.start(p, decoder.max_len))[0] for _ in range(repeats))
+        prefill = min(clock(lambda: decoder.start({0: p}, decoder.max_len))[0] for _ in range(repeats))
         outs.append(runs[-1][1])
         seconds += min(t for t, _ in runs) - prefill
     return outs, sum(len(o['tokens']) for o in outs) / seconds
@@ -391,15 +392,17 @@ def frontier(cfg, ps, dev, data, data_meta, ctx):
 
 
 def calibration(cfg, dev, data, ctx):
-    """--calibrate=EPS: on val positions split at random into calibration and test halves,
-    the loosest global threshold that Learn-then-Test certifies (tokens differing from the
-    full model's greedy token on <= EPS of them, with probability >= 1 - delta), its rate
-    and layer-count speedup on the test half; over calib_splits random splits, how often the
-    test rate broke EPS."""
-    eps, delta, ths = cfg['calibrate'], cfg['delta'], sorted({float(t) for t in cfg['thresholds']}, reverse=True)
-    for k, v in (('calibrate', eps), ('delta', delta)):
+    """--calibrate=EPS (or a list of them): on val positions split at random into calibration
+    and test halves, the loosest global threshold that Learn-then-Test certifies (tokens
+    differing from the full model's greedy token on <= EPS of them, with probability >= 1 -
+    delta), its rate and layer-count speedup on the test half; over calib_splits random
+    splits, how often the test rate broke EPS. Returns one result per EPS (a dict for one)."""
+    epss, delta = cfg['calibrate'], cfg['delta']
+    epss = list(epss) if isinstance(epss, (list, tuple)) else [epss]
+    ths = sorted({float(t) for t in cfg['thresholds']}, reverse=True)
+    for k, v in [('calibrate', e) for e in epss] + [('delta', delta)]:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
-            sys.exit(f'{k}={v!r}; allowed: a number in (0, 1)')
+            sys.exit(f'{k}={v!r}; allowed: a number in (0, 1), or for calibrate a list of them')
     if not isinstance(cfg['calib_splits'], int) or cfg['calib_splits'] < 1:
         sys.exit(f"calib_splits={cfg['calib_splits']!r}; allowed: an int >= 1")
     model, _ = load_model(cfg['out_dir'], ParallelState(), dev, layer_parallel=cfg['layer_parallel'])
@@ -409,29 +412,30 @@ def calibration(cfg, dev, data, ctx):
         sys.exit(f"calibrate needs a checkpoint with exits; {cfg['out_dir']} has exit_layers=[]")
     batches = Batches(data, cfg['batch_size'], mc.block_size, seed=cfg['seed'], device=dev)
     p_max, best, _ = head_records(model, batches, cfg['eval_iters'], ctx)
-    depths, N = list(mc.exit_depths) + [mc.n_layer], p_max.size(1)
-    g, splits = torch.Generator().manual_seed(cfg['seed']), []
-    for _ in range(cfg['calib_splits']):
-        perm = torch.randperm(N, generator=g).to(p_max.device)
-        cal, test = perm[:N // 2], perm[N // 2:]
-        errors, _ = disagreement(p_max[:, cal], best[:, cal], depths, ths)
-        th = ltt_threshold(ths, errors, len(cal), eps, delta)
-        rate, depth = 0.0, float(mc.n_layer)  # (no threshold certified: the full model)
-        if th is not None:
-            (k,), (depth,) = disagreement(p_max[:, test], best[:, test], depths, [th])
-            rate = k / len(test)
-        splits.append(dict(threshold=th, calibration_rate=None if th is None else errors[ths.index(th)] / len(cal),
-                           test_rate=rate, layer_speedup=mc.n_layer / depth, violated=rate > eps))
-    first = splits[0]
-    th = 'none certified (the full model)' if first['threshold'] is None else first['threshold']
-    print(f"{N:,} val positions, halves of {N // 2:,}: EPS {eps:g}, delta {delta:g}: threshold {th}"
-          f", differing tokens {first['test_rate']:.3%} on the test "
-          f"half, layer-count speedup {first['layer_speedup']:.2f}x; over {len(splits)} random splits the test "
-          f"rate broke EPS {sum(r['violated'] for r in splits)} times")
-    result = dict(out_dir=cfg['out_dir'], eps=eps, delta=delta, positions=N, **first, splits=splits,
-                  violations=sum(r['violated'] for r in splits))
-    print(_json.dumps(result))
-    return result
+    depths, N, results = list(mc.exit_depths) + [mc.n_layer], p_max.size(1), []
+    for eps in epss:
+        g, splits = torch.Generator().manual_seed(cfg['seed']), []
+        for _ in range(cfg['calib_splits']):
+            perm = torch.randperm(N, generator=g).to(p_max.device)
+            cal, test = perm[:N // 2], perm[N // 2:]
+            errors, _ = disagreement(p_max[:, cal], best[:, cal], depths, ths)
+            th = ltt_threshold(ths, errors, len(cal), eps, delta)
+            rate, depth = 0.0, float(mc.n_layer)  # (no threshold certified: the full model)
+            if th is not None:
+                (k,), (depth,) = disagreement(p_max[:, test], best[:, test], depths, [th])
+                rate = k / len(test)
+            splits.append(dict(threshold=th, calibration_rate=None if th is None else errors[ths.index(th)] / len(cal),
+                               test_rate=rate, layer_speedup=mc.n_layer / depth, violated=rate > eps))
+        first = splits[0]
+        th = 'none certified (the full model)' if first['threshold'] is None else first['threshold']
+        print(f"{N:,} val positions, halves of {N // 2:,}: EPS {eps:g}, delta {delta:g}: threshold {th}"
+              f", differing tokens {first['test_rate']:.3%} on the test "
+              f"half, layer-count speedup {first['layer_speedup']:.2f}x; over {len(splits)} random splits the test "
+              f"rate broke EPS {sum(r['violated'] for r in splits)} times")
+        results.append(dict(out_dir=cfg['out_dir'], eps=eps, delta=delta, positions=N, **first, splits=splits,
+                            violations=sum(r['violated'] for r in splits)))
+    print(_json.dumps(results[0] if len(results) == 1 else results))
+    return results[0] if len(results) == 1 else results
 
 
 def print_table(rows, names, title):

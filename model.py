@@ -211,10 +211,10 @@ class KVCache:
             self.v[row, :, input_pos] = v.transpose(1, 2)
         return self.k.to(k.dtype), self.v.to(v.dtype)
 
-    def row(self, b):
-        """The cache of row b alone (batch 1), sharing this one's memory."""
+    def rows(self, lo, hi):
+        """The cache of rows lo..hi-1 alone, sharing this one's memory."""
         view = KVCache.__new__(KVCache)
-        view.k, view.v = self.k[b:b + 1], self.v[b:b + 1]
+        view.k, view.v = self.k[lo:hi], self.v[lo:hi]
         return view
 
     def bytes_per_position(self):

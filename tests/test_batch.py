@@ -43,8 +43,8 @@ def test_batched_speculative_equals_full_greedy(v):
 
 
 def test_refilled_row_decodes_as_alone():
-    """Five prompts of different lengths through two rows: rows finish at different times
-    (stop tokens, lengths) and take the next prompt while the other row goes on."""
+    """Five prompts of different lengths through two and three rows: rows finish at different
+    times (stop tokens, lengths) and take the next prompt while the others go on."""
     model = peaked_model(VARIANTS[1])
     prompts = PROMPTS + [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [44, 3]]
     for method, kw in (('full', {}), ('recompute', dict(thres=0.6)), ('speculative', dict(spec_exit=1, spec_k=3))):
@@ -52,11 +52,12 @@ def test_refilled_row_decodes_as_alone():
         stop = alone[0]['tokens'][4]  # a token that ends some sequences early
         alone = [decode.generate(model, p, 12, method, stop=stop, **kw) for p in prompts]
         assert len({len(a['tokens']) for a in alone}) > 1
-        dec = decode.Decoder(model, batch_size=2)
-        for _ in range(2):  # and again with the same decoder
-            outs = decode.generate_many(model, prompts, 12, method, stop=stop, decoder=dec, **kw)
-            assert [o['tokens'] for o in outs] == [a['tokens'] for a in alone], method
-            assert [o['depths'] for o in outs] == [a['depths'] for a in alone], method
+        for B in (2, 3):  # (3: rows admitted together around a row that goes on decoding)
+            dec = decode.Decoder(model, batch_size=B)
+            for _ in range(2):  # and again with the same decoder
+                outs = decode.generate_many(model, prompts, 12, method, stop=stop, decoder=dec, **kw)
+                assert [o['tokens'] for o in outs] == [a['tokens'] for a in alone], (method, B)
+                assert [o['depths'] for o in outs] == [a['depths'] for a in alone], (method, B)
 
 
 def test_sampling_rows_are_independent_of_batch_mates():
@@ -75,11 +76,11 @@ def test_sampling_rows_are_independent_of_batch_mates():
 def test_cache_too_small_for_a_new_row_is_named():
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, vocab_size=20, block_size=1024)).eval()
     dec = decode.Decoder(model, batch_size=2)
-    dec.start([1, 2, 3], 10, row=0)
+    dec.start({0: [1, 2, 3]}, 10)
     with pytest.raises(ValueError, match=r'larger cache than the 256 reserved, while rows \[0\] decode'):
-        dec.start([1, 2, 3], 300, row=1)
+        dec.start({1: [1, 2, 3]}, 300)
     dec.free(0)
-    dec.start([1, 2, 3], 300, row=1)  # all rows idle: the cache grows
+    dec.start({1: [1, 2, 3]}, 300)  # all rows idle: the cache grows
     assert dec.max_len == 512
 
 
@@ -185,6 +186,22 @@ def test_server_batches_concurrent_requests():
     srv.server_close()
 
 
+def test_rows_admitted_together_around_a_decoding_row():
+    """Rows 0 and 2 finish together and take new prompts in one prefill while row 1 goes on
+    (the prefill runs rows 0..2, row 1's part at the spare slot): every job as alone."""
+    model = peaked_model(VARIANTS[0])
+    dec = decode.Decoder(model, batch_size=3)
+    specs = [(PROMPTS[0], 3), (PROMPTS[2], 14), (PROMPTS[1], 3), ([7, 7, 2, 9, 4], 8), ([11, 5], 8)]
+    jobs = [decode.Job(model.config, 'cpu', p, n) for p, n in specs]
+    starts, start = [], dec.start
+    dec.start = lambda prompts, *a: starts.append(sorted(prompts)) or start(prompts, *a)
+    waiting = iter(jobs)
+    decode.run_jobs(dec, lambda: next(waiting, None), 'full')
+    assert starts == [[0, 1, 2], [0, 2]]
+    for job, (p, n) in zip(jobs, specs):
+        assert job.out['tokens'] == naive(model, p, n)[0]
+
+
 def test_host_runs_a_step_ahead_where_nothing_is_decided():
     """Greedy full decoding launches step t+1 before it reads step t (the token is fed back on
     the device); an exit's threshold or a sampled row is read within its own step."""
@@ -222,8 +239,7 @@ def test_decoder_keeps_no_autograd_state():
     or hidden state joins an autograd graph, so memory stays flat over many sequences."""
     model = peaked_model(VARIANTS[1])
     dec = decode.Decoder(model, batch_size=2)
-    for r in range(2):
-        dec.start(PROMPTS[r], 30, row=r)
+    dec.start({r: PROMPTS[r] for r in range(2)}, 30)
     dec.step({r: ({0}, 0.5, None) for r in range(2)})
     assert not dec.hid.requires_grad and not any(c.k.requires_grad or c.v.requires_grad for c in dec.caches)
 

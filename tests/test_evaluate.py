@@ -233,5 +233,11 @@ def test_calibrate_on_a_checkpoint(sweep):
     assert all(r['layer_speedup'] >= 1 for r in out['splits'])
     if out['threshold'] is not None:  # an exit fires there: tokens leave early
         assert out['layer_speedup'] > 1 and out['calibration_rate'] <= 0.05
+    several = evaluate.main([f'--out_dir={d / "ckpt"}', '--calibrate=[0.05,0.5]', '--delta=0.1', '--device=cpu',
+                             '--dtype=float32', '--eval_iters=2', '--batch_size=8', '--calib_splits=5',
+                             f'--thresholds={THRESHOLDS}'])
+    assert several[0] == out and several[1]['eps'] == 0.5  # a looser EPS: a looser threshold, if any
+    loosest = lambda r: 1.0 if r['threshold'] is None else r['threshold']
+    assert loosest(several[1]) <= loosest(out)
     with pytest.raises(SystemExit, match='calibrate=1.5'):
         evaluate.main([f'--out_dir={d / "ckpt"}', '--calibrate=1.5', '--device=cpu'])
