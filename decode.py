@@ -146,7 +146,9 @@ class Decoder:
     point at a spare cache slot past the positions in use, which no real position attends
     to. (Running a row for nothing costs little: at decode sizes a step is bound by reading
     the weights, which happens once for the whole batch.) Every row of a step decides for
-    itself: one read from the device per segment for the whole batch.
+    itself: one read from the device per segment for the whole batch, where a row has a
+    threshold to check or a token to sample; elsewhere the reads wait (step() says how), and
+    each head's greedy token goes on to the next step on the device.
 
     With graphs=True (CUDA) each (segment, chunk length, head) is captured as a CUDA graph
     on first use and replayed after. With compile=True each block and head runs compiled
@@ -190,7 +192,6 @@ class Decoder:
             self.captured = {}
             self.caches = self.model.setup_cache(self.B, size + 1, self.dtype)
             self.hid = torch.zeros(self.B, size + 1, self.cfg.n_embd, dtype=self.dtype, device=self.device)
-            self.arange = torch.arange(size, device=self.device)
             self.max_len = self.spare = size
 
     @torch.no_grad()

@@ -279,3 +279,6 @@ def test_bench_early_exit_decode_runs_tiny_on_cpu():
              'speculative from 1, 3 of 4 drafts kept']
     assert [(r['batch'], r['step']) for r in out['runs']] == [(b, k) for b in (1, 3) for k in kinds]
     assert all(r['speedup_vs_decoder'] > 0 for r in out['runs'] if r['step'] not in kinds[:2])
+    for r in out['runs']:  # the forced share of tokens really leaves at the exit (of 4 a row, about half)
+        if r['step'] in kinds[2:4]:
+            assert (r['exited'] == 0) if r['exit_rate'] == 0 else (0.2 <= r['exited'] <= 0.8), r
