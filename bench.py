@@ -34,6 +34,12 @@ Serving: generate.py's server under concurrent clients (requests/s, tokens/s, ag
 
     python bench.py --mode=serve --shape=7b --compile=True --clients=[1,16] --new_tokens=64
 
+Beside the peers (--peers: a copy of ../shared/peers; its bench_peers.py runs the workload's
+peer first, in a process of its own, and each batch-1 figure gets its ratio, vs_peer):
+
+    python bench.py --shape=350m --batch_size=16 --compile=True --steps=15 --peers=.peers        # nanoGPT
+    python bench.py --mode=decode --shape=7b --compile=True --exit_layers=[16] --batch=[1] --peers=.peers
+
 Reports ms per step, tokens/s and the memory-bandwidth floor: the bytes a step must read
 (this rank's weights but the embedding, plus the KV cache) over the copy bandwidth
 measured in the same run; 'of_bound' is that floor over the measured step time.
@@ -44,6 +50,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -95,7 +102,14 @@ new_tokens = 64                # decode steps per timing; the median of 5 is rep
 clients = (1, 16)              # concurrent clients, one run each (the server has as many rows as the most)
 requests = 4                   # requests per client, one after another
 profile = ''                   # a folder: also write there each timed kind's kernels (torch.profiler), CUDA only
+peers = ''                     # a copy of ../shared/peers: run this workload's peer first, in the same run, and
+                               # give each figure beside it (train: nanoGPT at 124m/350m; decode: gpt-fast at 7b)
 DEFAULTS = snapshot(globals())
+
+# the peer's figure (a key of bench_peers.py's JSON) that a workload's runs stand beside
+PEER_FIGURES = {('train', '124m'): 'nanogpt_gpt2-124M_compile_B{batch_size}_tok_s',
+                ('train', '350m'): 'nanogpt_gpt2-350M_compile_B{batch_size}_tok_s',
+                ('decode', '7b'): 'gptfast_7b_compiled_tok_s'}  # (gpt-fast decodes one sequence: batch 1 rows)
 
 
 def matmul_tflops(device, n=8192, reps=20):
@@ -183,7 +197,7 @@ def decoder_steps(dec, prompts, n, rate):
     phi, stamps, jobs = (5 ** 0.5 - 1) / 2, [], []
     fires = lambda i, r: 0.0 if (i * phi + r * phi * phi) % 1.0 < rate else 1.01
     for r, p in enumerate(prompts):
-        job = Job(dec.cfg, dec.device, p, n, None if rate is None else fires(0, r), None if rate is None else {0})
+        job = Job(dec.cfg, dec.device, p, n, *((None, None) if rate is None else (fires(0, r), {0})))
 
         def on_token(*_, job=job, r=r):
             stamps.append(time.perf_counter())
@@ -206,7 +220,8 @@ def speculation_round(dec, d, k, accepted):
     def fn():
         n, reads = [len(t) for t in dec.tokens], []
         for _ in range(k):
-            reads.append(dec.step({r: (set(), float('inf'), None) for r in rows}, stop_depth={r: d for r in rows})[1])
+            greedy = {r: (set(), float('inf'), None) for r in rows}
+            reads.append(dec.step(greedy, stop_depth={r: d for r in rows})[1])
             for r in rows:
                 dec.tokens[r].append(None)
         for r in rows:
@@ -441,14 +456,45 @@ def training(cfg_b, ps, dev):
     return results
 
 
+def run_peers(folder, mode, batch_size):
+    """The peers' own benchmark (folder/bench_peers.py, the ceilings and this mode's peer) in a
+    process of its own on the same machine, before nanoEE is timed: its JSON."""
+    script = os.path.join(folder, 'bench_peers.py')
+    if not os.path.isfile(script):
+        raise ValueError(f'peers={folder!r} holds no bench_peers.py; copy ../shared/peers there')
+    out = tempfile.mkdtemp()
+    env = dict(os.environ, OUT=out, NANOGPT_B=str(batch_size), NANOGPT_MODES='compile')
+    subprocess.run([sys.executable, script, 'ceil', {'train': 'nanogpt', 'decode': 'gptfast'}[mode]], env=env,
+                   check=True)
+    with open(os.path.join(out, 'peers.json')) as f:
+        return json.load(f)
+
+
+def beside_peer(runs, figures, key):
+    """Each run's tokens/s beside the peer's figure `key` (decode: the batch-1 runs)."""
+    for r in runs:
+        if key in figures and r.get('batch', 1) == 1:
+            r.update(peer=key, peer_tokens_per_s=figures[key], vs_peer=round(r['tokens_per_s'] / figures[key], 3))
+    return runs
+
+
 def main(args):
     cfg_b = configure(DEFAULTS, args)
     modes = {'train': training, 'decode': decode, 'serve': serve_load}
     if cfg_b['mode'] not in modes:
         raise ValueError(f"mode={cfg_b['mode']!r}; allowed: {', '.join(map(repr, modes))}")
+    key = PEER_FIGURES.get((cfg_b['mode'], cfg_b['shape']), '').format(**cfg_b)
+    if cfg_b['peers'] and not key:
+        raise ValueError(f"peers: no peer for mode={cfg_b['mode']!r} shape={cfg_b['shape']!r}; there is one for "
+                         + ', '.join(f'{m} {s}' for m, s in PEER_FIGURES))
     dev = init_distributed(cfg_b['device'])
     ps = ParallelState(cfg_b['tp'], cfg_b['pp'], cfg_b['sp'])
-    summary = {'runs': modes[cfg_b['mode']](cfg_b, ps, dev)}
+    if cfg_b['peers'] and ps.world > 1:
+        raise ValueError('peers: the peers run in one process; run bench.py with them without torchrun')
+    figures = run_peers(cfg_b['peers'], cfg_b['mode'], cfg_b['batch_size']) if cfg_b['peers'] else {}
+    summary = {'runs': beside_peer(modes[cfg_b['mode']](cfg_b, ps, dev), figures, key)}
+    if figures:
+        summary['peers'] = figures
     if ps.is_main:
         print(json.dumps(summary))
     return summary

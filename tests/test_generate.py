@@ -282,3 +282,23 @@ def test_bench_early_exit_decode_runs_tiny_on_cpu():
     for r in out['runs']:  # the forced share of tokens really leaves at the exit (of 4 a row, about half)
         if r['step'] in kinds[2:4]:
             assert (r['exited'] == 0) if r['exit_rate'] == 0 else (0.2 <= r['exited'] <= 0.8), r
+
+
+def test_bench_puts_each_figure_beside_the_peers(tmp_path):
+    """--peers runs the folder's bench_peers.py (here a stand-in that reports fixed figures, as
+    the real one does on a GPU) in its own process, with the workload's batch size, and gives
+    each batch-1 run its ratio to the peer's figure; a workload without a peer is refused."""
+    import bench
+    (tmp_path / 'bench_peers.py').write_text(
+        'import json, os, sys\n'
+        'figures = {"gptfast_7b_compiled_tok_s": 200.0, "which": sys.argv[1:], "B": os.environ["NANOGPT_B"]}\n'
+        'json.dump(figures, open(os.path.join(os.environ["OUT"], "peers.json"), "w"))\n')
+    figures = bench.run_peers(str(tmp_path), 'decode', 16)
+    assert figures['which'] == ['ceil', 'gptfast'] and figures['B'] == '16'
+    runs = [{'batch': 1, 'tokens_per_s': 250.0}, {'batch': 8, 'tokens_per_s': 900.0}]
+    bench.beside_peer(runs, figures, bench.PEER_FIGURES[('decode', '7b')])
+    assert runs[0]['vs_peer'] == 1.25 and 'vs_peer' not in runs[1]
+    with pytest.raises(ValueError, match="no peer for mode='decode' shape='tiny'"):
+        bench.main(['--mode=decode', '--shape=tiny', '--device=cpu', f'--peers={tmp_path}'])
+    with pytest.raises(ValueError, match='holds no bench_peers.py'):
+        bench.run_peers(str(tmp_path / 'none'), 'train', 16)
