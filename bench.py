@@ -21,12 +21,13 @@ torch.compile and then captured), with and without layer-parallel pairs.
     torchrun --nproc_per_node=2 bench.py --mode=decode --shape=7b --tp=2 --pairs=[[],[16,30]] --compile=True
     python bench.py --mode=decode --shape=tiny --device=cpu --pairs=[[],[0,2]] --prompt_len=8 --new_tokens=4
 
-With exit_layers, each batch size also runs generate.py's Decoder (decode.py: CUDA graphs per
-segment, one host read per segment for the whole batch), every row its own sequence: plainly
-(full decoding), with a share (exit_rates) of each row's tokens forced to leave at the first
-exit (rows independently; 0: the exit computed, never taken), and self-speculating from that
-exit with a fixed acceptance (spec_k drafts, spec_accepted kept per round). Speculation's
-ms_per_step is per token (a round over the tokens it yields).
+With exit_layers, each batch size also runs generate.py's loop (decode.run_jobs over the
+Decoder: CUDA graphs per segment, the host a step ahead where nothing is decided), every row
+its own sequence: plainly (full decoding), with a share (exit_rates) of each row's tokens
+forced to leave at the first exit (rows independently; 0: the exit's confidence read at
+every token, never enough), and self-speculating from that exit with a fixed acceptance
+(spec_k drafts, spec_accepted kept per round). Speculation's ms_per_step is per token (a
+round over the tokens it yields).
 
     python bench.py --mode=decode --shape=7b --compile=True --exit_layers=[16] --batch=[1,8] --exit_rates=[0,0.5]
 
@@ -462,12 +463,12 @@ def run_peers(folder, mode, batch_size):
     script = os.path.join(folder, 'bench_peers.py')
     if not os.path.isfile(script):
         raise ValueError(f'peers={folder!r} holds no bench_peers.py; copy ../shared/peers there')
-    out = tempfile.mkdtemp()
-    env = dict(os.environ, OUT=out, NANOGPT_B=str(batch_size), NANOGPT_MODES='compile')
-    subprocess.run([sys.executable, script, 'ceil', {'train': 'nanogpt', 'decode': 'gptfast'}[mode]], env=env,
-                   check=True)
-    with open(os.path.join(out, 'peers.json')) as f:
-        return json.load(f)
+    with tempfile.TemporaryDirectory() as out:
+        env = dict(os.environ, OUT=out, NANOGPT_B=str(batch_size), NANOGPT_MODES='compile')
+        subprocess.run([sys.executable, script, 'ceil', {'train': 'nanogpt', 'decode': 'gptfast'}[mode]], env=env,
+                       check=True)
+        with open(os.path.join(out, 'peers.json')) as f:
+            return json.load(f)
 
 
 def beside_peer(runs, figures, key):
