@@ -100,12 +100,12 @@ def compile_decode(fn):
     return torch.compile(fn, dynamic=False)
 
 
-def upload(values, like):
-    """A host list as a tensor on like's device, copied without making the host wait for the
+def upload(values, out):
+    """A host list copied into the tensor out (returned) without making the host wait for the
     device (CUDA: from pinned memory; the copy runs in stream order)."""
-    if not like.is_cuda:
-        return torch.tensor(values, dtype=like.dtype)
-    return torch.tensor(values, dtype=like.dtype, pin_memory=True).to(like.device, non_blocking=True)
+    if not out.is_cuda:
+        return out.copy_(torch.tensor(values, dtype=out.dtype))
+    return out.copy_(torch.tensor(values, dtype=out.dtype, pin_memory=True), non_blocking=True)
 
 
 def fetch(t):
@@ -270,7 +270,7 @@ class Decoder:
             pos[r][T - (e - s):] = range(s, e)
         if T not in self.pos:
             self.pos[T] = torch.empty(self.B, T, dtype=torch.long, device=self.device)
-        self.pos[T].copy_(upload(pos, self.pos[T]))
+        upload(pos, self.pos[T])
         fn = lambda: self.segment(a, b, T, head, rows)
         if not self.graphs or T > self.MAX_CHUNK:
             return fn()
@@ -324,7 +324,7 @@ class Decoder:
         if h is None:  # the tokens the host knows; the others are on the device already
             known = {r: self.tokens[r][t[r]] for r in rules if self.tokens[r][t[r]] is not None}
             if known:
-                new = upload([[known.get(r, -1)] for r in range(self.B)], self.tok)
+                new = upload([[known.get(r, -1)] for r in range(self.B)], torch.empty_like(self.tok))
                 self.tok.copy_(torch.where(new >= 0, new, self.tok))
         for r in rules:
             if h is not None:
