@@ -11,6 +11,7 @@ frontier of early exit over confidence thresholds (EE-LLM, arXiv 2312.04916).
     python evaluate.py --out_dir=out-pystdlib --sweep=thresholds  # early exit: quality vs speed
     python evaluate.py --out_dir=out-pystdlib --sweep=thresholds --thresholds=[0.9,0.8] --spec_exits=[2]
     python evaluate.py --out_dir=out-pystdlib --calibrate=0.02 --delta=0.05  # a threshold with a guarantee
+    python evaluate.py --out_dir=out-gpu --sweep=thresholds --calibrate=[0.01,0.02,0.05] --beside=other.json
 
 The pairs sweep tries every even span [start, end) that the exits allow (none between the
 two blocks of a pair) and prints one row per span: the sequential depth left (n_layer minus
@@ -32,7 +33,8 @@ full model's on at most EPS of the positions with probability >= 1 - delta over 
 calibration data (Learn-then-Test with a binomial tail bound, as CALM calibrates early
 exit), on one random half of the val positions, and reports the realised rate and the
 layer-count speedup on the other half, and how often the rate broke EPS over calib_splits
-random halvings. Positions are teacher-forced (KV recomputation makes the hidden states
+random halvings. With --sweep=thresholds it runs first, and the sweep marks each certified
+threshold's row (its measured speed is that row's). Positions are teacher-forced (KV recomputation makes the hidden states
 the full model's) and taken as independent, which positions of one window only roughly are.
 """
 
@@ -73,13 +75,15 @@ gen_tokens = 64                 # greedy tokens generated after each window
 repeats = 3                     # timed runs of each window; the fastest counts (the first warms up)
 lines = 40                      # function-body lines for the next-line exact match (0: skip)
 spec_exits = None               # exit_layers numbers to draft with (self-speculation); None: every exit
-spec_k = 4                      # tokens drafted per verification
+spec_k = 4                      # tokens drafted per verification (at most, with spec_stop or 'auto')
+spec_stop = None                # a draft ends when the drafting exit's max prob falls below it (None: never)
 compile = False                 # compile the decoder's blocks and heads (generate.py's key)
 report = ''                     # file prefix for .csv/.json/.png/.exits.txt; '': out_dir/frontier
 calibrate = None                # EPS (or [EPS, ...]): the loosest threshold whose tokens differ from the full
                                 # model's on <= EPS of them
 delta = 0.05                    # ... with probability >= 1 - delta over the calibration data (Learn-then-Test)
 calib_splits = 20               # random calibration/test halves the guarantee is checked on
+beside = ''                     # another sweep's .json (e.g. an EE-tuned model's) drawn in the picture too
 # -----------------------------------------------------------------------------
 DEFAULTS = snapshot(globals())
 
@@ -110,7 +114,8 @@ def val_losses(cfg, ps, dev, data, ctx, span=None):
 
 MARKS = '123456789abcdefghijklmnopqrstuvwxyz'  # exits in the .exits.txt view
 COLUMNS = ['name', 'policy', 'threshold', 'spec_exit', 'val_loss', 'val_ppl', 'ppl_change', 'agreement',
-           'next_line_em', 'tokens_per_s', 'speedup', 'mean_depth', 'layer_speedup', 'acceptance', 'identical']
+           'next_line_em', 'tokens_per_s', 'speedup', 'mean_depth', 'layer_speedup', 'acceptance', 'identical',
+           'calibrated_eps']
 
 
 @torch.no_grad()
@@ -273,8 +278,9 @@ def exit_view(pieces, depths, exit_depths):
     return out
 
 
-def plot(path, rows, title):
-    """The frontier: speedup (measured and layer-count) against the val perplexity change."""
+def plot(path, rows, title, beside=None):
+    """The frontier: speedup (measured and layer-count) against the val perplexity change;
+    the thresholds calibrated for an EPS marked; beside: another sweep's result drawn in grey."""
     try:
         import matplotlib
         matplotlib.use('Agg')
@@ -290,6 +296,20 @@ def plot(path, rows, title):
         ax.annotate(r['name'], (r['speedup'], v), textcoords='offset points', xytext=(4, 4), fontsize=7)
     for r in rows[len(ee):]:
         ax.plot(r['speedup'], 0, '*', ms=14, label=f"self-speculative from {r['name'][5:]} (lossless)")
+    for r, v in zip(ee, y):
+        if r['calibrated_eps']:
+            ax.plot(r['speedup'], v, 'D', mfc='none', ms=11, c='tab:red')
+            ax.annotate('EPS ' + ', '.join(f'{e:.0%}' for e in r['calibrated_eps']), (r['speedup'], v),
+                        textcoords='offset points', xytext=(4, -11), fontsize=7, c='tab:red')
+    if beside:
+        other = [r for r in beside['rows'] if r['policy'] != 'speculative']
+        ax.plot([r['speedup'] for r in other], [100 * r['ppl_change'] for r in other], 'o-', c='grey', alpha=0.6,
+                label=f"{beside['out_dir']}: measured speedup")
+        for i, r in enumerate(beside['rows'][len(other):]):
+            ax.plot(r['speedup'], 0, '*', ms=10, c='grey',
+                    label=f"{beside['out_dir']}: self-speculative, by drafting exit" if i == 0 else None)
+            ax.annotate(r['name'][10:], (r['speedup'], 0), textcoords='offset points', xytext=(-4, 8), fontsize=7,
+                        c='grey')
     ax.axhline(1, ls=':', c='grey', label='+1% perplexity')
     ax.set_yscale('symlog', linthresh=1)
     ax.set_ylim(bottom=min(y) - 0.1)
@@ -318,6 +338,9 @@ def check_frontier(cfg, mc):
                    ('spec_k', 1)):
         if not isinstance(cfg[k], int) or cfg[k] < low:
             sys.exit(f'{k}={cfg[k]!r}; allowed: an int >= {low}')
+    stop = cfg['spec_stop']
+    if stop is not None and (isinstance(stop, bool) or not isinstance(stop, (int, float)) or not 0 < stop < 1):
+        sys.exit(f'spec_stop={stop!r}; allowed: None (drafts run spec_k tokens) or a max probability in (0, 1)')
     room = mc.block_size - cfg['gen_tokens'] - cfg['spec_k']  # (a prompt of `room` tokens fits)
     if room < 1:
         sys.exit(f"gen_tokens={cfg['gen_tokens']}: no room for a prompt in block_size={mc.block_size}; "
@@ -331,6 +354,12 @@ def frontier(cfg, ps, dev, data, data_meta, ctx):
     model.to(DTYPES[cfg['dtype']]).eval()  # (decoding runs in dtype, as generate.py's does)
     mc, n, t0 = model.config, cfg['gen_tokens'], time.time()
     ths, spec, plen = check_frontier(cfg, mc)
+    beside = None
+    if cfg['beside']:
+        if not os.path.isfile(cfg['beside']):
+            sys.exit(f"beside={cfg['beside']!r}: no such file; allowed: another sweep's <report>.json")
+        with open(cfg['beside']) as f:
+            beside = _json.load(f)
     batches = Batches(data, cfg['batch_size'], mc.block_size, seed=cfg['seed'], device=dev)
     final, losses = threshold_losses(model, batches, cfg['eval_iters'], ctx, ths)
     tokens = cfg['eval_iters'] * cfg['batch_size'] * mc.block_size
@@ -351,10 +380,11 @@ def frontier(cfg, ps, dev, data, data_meta, ctx):
     timing, plain = Decoder(model, compile=cfg['compile']), Decoder(model)  # plain: for quality only
     speed = lambda kw: timed(model, prompts, n, dev, cfg['repeats'], timing, **kw)
     policies = [dict(method='full')] + [dict(method='recompute', thres=th) for th in ths]
-    speculative = [dict(method='speculative', spec_exit=mc.exit_index(L), spec_k=cfg['spec_k']) for L in spec]
-    if spec:  # and adaptive self-speculation (decode.DraftPlan: the exit and draft length chosen as it goes)
-        spec, speculative = spec + ['auto'], speculative + [dict(method='speculative', spec_exit='auto',
-                                                                 spec_k=cfg['spec_k'])]
+    # each drafting exit, and adaptive self-speculation (decode.DraftPlan: the exit and draft length chosen as it goes)
+    spec = spec + ['auto'] if spec else []
+    speculative = [dict(method='speculative', spec_exit=L if L == 'auto' else mc.exit_index(L), spec_k=cfg['spec_k'],
+                        spec_stop=cfg['spec_stop']) for L in spec]
+    calibrated = calibration(cfg, dev, data, ctx, model) if cfg['calibrate'] is not None else []
     ref, full_tok_s = speed(policies[0])
     rows = []
     for th, loss, kw in zip([None] + ths, [final] + losses, policies):
@@ -362,6 +392,7 @@ def frontier(cfg, ps, dev, data, data_meta, ctx):
         r = decode_row('full' if th is None else f'{th:.2f}', outs, ref, tok_s, full_tok_s, names)
         r.update(policy='full' if th is None else 'early exit', threshold=th, val_loss=loss, val_ppl=math.exp(loss),
                  ppl_change=math.exp(loss - final) - 1)
+        r['calibrated_eps'] = [c['eps'] for c in calibrated if th is not None and c['threshold'] == th] or None
         rows.append(r)
         print(f"{r['name']}: val perplexity {r['val_ppl']:.3f} ({r['ppl_change']:+.2%}), {tok_s:.1f} tokens/s, "
               f'{time.time() - t0:.1f} s elapsed')
@@ -384,19 +415,22 @@ def frontier(cfg, ps, dev, data, data_meta, ctx):
     best = pick_best(rows)
     prefix = cfg['report'] or os.path.join(cfg['out_dir'], 'frontier')
     result = {'out_dir': cfg['out_dir'], 'tokens': tokens, 'prompts': cfg['prompts'], 'prompt_len': plen,
-              'gen_tokens': n, 'lines': len(tasks), 'best': best and best['threshold'], 'rows': rows}
+              'gen_tokens': n, 'lines': len(tasks), 'best': best and best['threshold'], 'rows': rows,
+              'calibrated': calibrated}
     view = exits_view(model, prompts[0], n, best['threshold'] if best else 0.8, decode, plain) if decode else None
-    write_report(prefix, result, names, f"{cfg['out_dir']}: {mc.n_layer} blocks, exits {list(mc.exit_layers)}", view)
+    write_report(prefix, result, names, f"{cfg['out_dir']}: {mc.n_layer} blocks, exits {list(mc.exit_layers)}", view,
+                 beside)
     print(_json.dumps(result))
     return result
 
 
-def calibration(cfg, dev, data, ctx):
+def calibration(cfg, dev, data, ctx, model=None):
     """--calibrate=EPS (or a list of them): on val positions split at random into calibration
     and test halves, the loosest global threshold that Learn-then-Test certifies (tokens
     differing from the full model's greedy token on <= EPS of them, with probability >= 1 -
     delta), its rate and layer-count speedup on the test half; over calib_splits random
-    splits, how often the test rate broke EPS. Returns one result per EPS (a dict for one)."""
+    splits, how often the test rate broke EPS. Returns a list: one result per EPS. model: the
+    checkpoint's, loaded already (in dtype); None: load it."""
     epss, delta = cfg['calibrate'], cfg['delta']
     epss = list(epss) if isinstance(epss, (list, tuple)) else [epss]
     ths = sorted({float(t) for t in cfg['thresholds']}, reverse=True)
@@ -405,8 +439,9 @@ def calibration(cfg, dev, data, ctx):
             sys.exit(f'{k}={v!r}; allowed: a number in (0, 1), or for calibrate a list of them')
     if not isinstance(cfg['calib_splits'], int) or cfg['calib_splits'] < 1:
         sys.exit(f"calib_splits={cfg['calib_splits']!r}; allowed: an int >= 1")
-    model, _ = load_model(cfg['out_dir'], ParallelState(), dev, layer_parallel=cfg['layer_parallel'])
-    model.to(DTYPES[cfg['dtype']]).eval()
+    if model is None:
+        model, _ = load_model(cfg['out_dir'], ParallelState(), dev, layer_parallel=cfg['layer_parallel'])
+        model.to(DTYPES[cfg['dtype']]).eval()
     mc = model.config
     if not mc.exit_layers:
         sys.exit(f"calibrate needs a checkpoint with exits; {cfg['out_dir']} has exit_layers=[]")
@@ -434,8 +469,7 @@ def calibration(cfg, dev, data, ctx):
               f"rate broke EPS {sum(r['violated'] for r in splits)} times")
         results.append(dict(out_dir=cfg['out_dir'], eps=eps, delta=delta, positions=N, **first, splits=splits,
                             violations=sum(r['violated'] for r in splits)))
-    print(_json.dumps(results[0] if len(results) == 1 else results))
-    return results[0] if len(results) == 1 else results
+    return results
 
 
 def print_table(rows, names, title):
@@ -449,7 +483,9 @@ def print_table(rows, names, title):
               f"{r['speedup']:>7.2f}x {cell(r['layer_speedup'], '.2f', 'x'):>7}  "
               + ' / '.join(f'{v:.0%}' for v in r['shares'].values())
               + ('' if r['acceptance'] is None else
-                 f"; drafts accepted {r['acceptance']:.1%}, identical to full: {r['identical']}"))
+                 f"; drafts accepted {r['acceptance']:.1%}, identical to full: {r['identical']}")
+              + ('' if not r['calibrated_eps'] else
+                 '; certified for EPS ' + ', '.join(f'{e:g}' for e in r['calibrated_eps'])))
 
 
 def pick_best(rows):
@@ -479,7 +515,7 @@ def exits_view(model, prompt, n, th, decode, decoder):
                                                       mc.exit_depths)
 
 
-def write_report(prefix, result, names, title, view):
+def write_report(prefix, result, names, title, view, beside=None):
     """<prefix>.csv (one row per policy), .json (everything), .png (with matplotlib), .exits.txt."""
     os.makedirs(os.path.dirname(prefix) or '.', exist_ok=True)
     with open(prefix + '.csv', 'w', newline='') as f:
@@ -488,7 +524,7 @@ def write_report(prefix, result, names, title, view):
         w.writerows([r[c] for c in COLUMNS] + [r['shares'][s] for s in names.values()] for r in result['rows'])
     with open(prefix + '.json', 'w') as f:
         _json.dump(result, f, indent=1)
-    drawn = plot(prefix + '.png', result['rows'], title)
+    drawn = plot(prefix + '.png', result['rows'], title, beside)
     if view:
         with open(prefix + '.exits.txt', 'w') as f:
             f.write('\n'.join(view) + '\n')
@@ -517,7 +553,10 @@ def main(args):
     if cfg['calibrate'] is not None:
         if ps.world > 1:
             sys.exit('calibrate runs in one process')
-        return calibration(cfg, dev, data, ctx)
+        results = calibration(cfg, dev, data, ctx)
+        results = results[0] if len(results) == 1 else results
+        print(_json.dumps(results))
+        return results
     mc, row = val_losses(cfg, ps, dev, data, ctx, cfg['layer_parallel'])
     rows = [row]
     if cfg['sweep'] == 'pairs':

@@ -191,6 +191,10 @@ def test_bad_inputs_are_clear_errors(sweep, tmp_path):
         evaluate.main(base + ['--spec_exits=[3]'])
     with pytest.raises(SystemExit, match='got tp=2, allowed: tp=1'):
         evaluate.main(base + ['--tp=2'])
+    with pytest.raises(SystemExit, match=r'spec_stop=1.5; allowed: None .* in \(0, 1\)'):
+        evaluate.main(base + ['--spec_stop=1.5'])
+    with pytest.raises(SystemExit, match="beside='nowhere.json': no such file"):
+        evaluate.main(base + ['--beside=nowhere.json', '--gen_tokens=8'])
     with pytest.raises(SystemExit, match="sweep='threshold'; allowed: 'pairs', 'thresholds'"):
         evaluate.main([a.replace('thresholds', 'threshold') for a in base])
     plain = GPT(GPTConfig(arch='llama', n_layer=2, n_head=2, n_embd=16, vocab_size=256, block_size=64, exit_layers=()))
@@ -241,3 +245,24 @@ def test_calibrate_on_a_checkpoint(sweep):
     assert loosest(several[1]) <= loosest(out)
     with pytest.raises(SystemExit, match='calibrate=1.5'):
         evaluate.main([f'--out_dir={d / "ckpt"}', '--calibrate=1.5', '--device=cpu'])
+
+
+def test_sweep_marks_the_calibrated_thresholds(sweep, tmp_path):
+    """--sweep=thresholds with --calibrate: each EPS's certified threshold (the same as
+    --calibrate alone finds) is marked on its row; --beside draws another sweep's rows too;
+    spec_stop reaches the speculative rows, which stay the full model's tokens."""
+    d, first = sweep
+    common = [f'--out_dir={d / "ckpt"}', '--device=cpu', '--dtype=float32', '--eval_iters=2', '--batch_size=8',
+              '--calib_splits=3', f'--thresholds={THRESHOLDS}', '--delta=0.1']
+    alone = evaluate.main(common + ['--calibrate=[0.05,0.5]'])
+    result = evaluate.main(common + ['--calibrate=[0.05,0.5]', '--sweep=thresholds', '--prompts=1', '--gen_tokens=6',
+                                     '--lines=0', '--repeats=1', '--spec_k=6', '--spec_stop=0.5',
+                                     f'--beside={d / "out" / "fr.json"}', f'--report={tmp_path / "cal"}'])
+    assert result['calibrated'] == alone and any(c['threshold'] is not None for c in alone)
+    for r in result['rows']:
+        want = [c['eps'] for c in alone if r['threshold'] is not None and c['threshold'] == r['threshold']]
+        assert r['calibrated_eps'] == (want or None)
+    assert sum(len(r['calibrated_eps'] or []) for r in result['rows']) == sum(c['threshold'] is not None
+                                                                              for c in alone)
+    assert all(r['identical'] for r in result['rows'] if r['policy'] == 'speculative')
+    assert (tmp_path / 'cal.png').stat().st_size > 1000
