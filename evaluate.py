@@ -34,8 +34,9 @@ calibration data (Learn-then-Test with a binomial tail bound, as CALM calibrates
 exit), on one random half of the val positions, and reports the realised rate and the
 layer-count speedup on the other half, and how often the rate broke EPS over calib_splits
 random halvings. With --sweep=thresholds it runs first, and the sweep marks each certified
-threshold's row (its measured speed is that row's). Positions are teacher-forced (KV recomputation makes the hidden states
-the full model's) and taken as independent, which positions of one window only roughly are.
+threshold's row (its measured speed is that row's). Positions are teacher-forced (KV
+recomputation makes the hidden states the full model's) and taken as independent, which
+positions of one window only roughly are.
 """
 
 import csv
