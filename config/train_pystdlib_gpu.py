@@ -3,7 +3,7 @@
 #   python data/pystdlib/prepare.py
 #   python train.py config/train_pystdlib_gpu.py                                          # exits trained with the model
 #   python train.py config/train_pystdlib_gpu.py --exit_layers=[] --out_dir=out-gpu-base  # the same model without exits
-#   python evaluate.py --out_dir=out-gpu --sweep=thresholds --compile=True
+#   python evaluate.py --out_dir=out-gpu --sweep=thresholds --lines=0 --dtype=float32 --calibrate=[0.01,0.02,0.05]
 # 12 layers of 768 (85 M parameters), exits after blocks 3 and 6 (1/4 and 1/2 of the depth),
 # each a norm, a residual MLP and its own output matrix; 32 x 1024 bytes per step.
 out_dir = 'out-gpu'

@@ -3,7 +3,8 @@
 #   python train.py config/train_pystdlib_gpu.py --exit_layers=[] --out_dir=out-gpu-base
 #   python convert.py add_exits --src=out-gpu-base --dst=out-gpu-ee --exit_layers=[3,6] --exit_norm --exit_mlp --exit_untie
 #   python tune.py config/tune_pystdlib_gpu.py --init_from=out-gpu-ee --out_dir=out-gpu-tuned
-#   python evaluate.py --out_dir=out-gpu-tuned --sweep=thresholds --compile=True
+#   python tune.py config/tune_pystdlib_gpu.py --init_from=out-gpu-ee --out_dir=out-gpu-distill --distill=True
+#   python evaluate.py --out_dir=out-gpu-distill --sweep=thresholds --lines=0 --dtype=float32
 dataset = 'pystdlib'
 device = 'cuda'
 dtype = 'bfloat16'
