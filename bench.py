@@ -227,7 +227,8 @@ def speculation_round(dec, d, k, accepted):
                 dec.tokens[r].append(None)
         for r in rows:
             del dec.tokens[r][n[r]:]
-        best = dec.verify({r: (d, k) for r in rows})[1].tolist()
+        (_, best), _ = dec.verify({r: (d, k) for r in rows})
+        best = best.tolist()
         drafts = [[later()[r][0] for later in reads] for r in rows]
         for r in rows:
             dec.tokens[r] += drafts[r][:m - 1] + [int(best[r][m - 1][1])]

@@ -175,6 +175,8 @@ class Decoder:
         self.call = compile_decode(direct) if compile else direct
         self.max_len, self.captured = 0, {}
         self.tokens, self.done = [None] * batch_size, [None] * batch_size  # per row; None: idle
+        E = len(self.cfg.exits)  # adaptive self-speculation's (kept, judged) drafts per exit, every sequence's:
+        self.drafts = [0] * E, [0] * E  # (DraftPlan)
 
     def reserve(self, n):
         """Room for sequences of n positions: the cache holds n rounded up to a power of two
@@ -285,22 +287,29 @@ class Decoder:
         return outs
 
     @torch.no_grad()
-    def verify(self, plan):
+    def verify(self, plan, watch=()):
         """Self-speculation's check of each row of plan {row: (d, k)}: blocks d.. and the final
         head for the row's last committed token and the k - 1 drafted after it (the drafting
         left their KV below d). Rows drafted from different depths join at the deepest one
-        they need. Returns the logits (B, K, V) and (max prob, argmax, its log prob) (B, K,
-        3), K the largest k, row r's k in its last k slots."""
-        L, chunks = self.cfg.n_layer, {}
+        they need. The exits in watch (indices) run their heads on the way: what each would
+        have drafted at those positions. Returns the final head's logits (B, K, V) and (max
+        prob, argmax, its log prob) (B, K, 3), K the largest k, row r's k in its last k
+        slots; and {watched exit: its (B, K', 3)}, K' <= K the longest chunk that passed it
+        (row r's k in its last k slots, for the rows drafted above the exit)."""
+        L, chunks, depth = self.cfg.n_layer, {}, {e: d for d, e in self.exit_at.items()}
         for r, (d, k) in plan.items():
             n = len(self.tokens[r])
             chunks[r] = (n - 1, n - 1 + k)
             self.done[r][n - 1:] = [L] * k
-        depths, K = sorted({d for d, _ in plan.values()}), max(k for _, k in plan.values())
+        depths = sorted({d for d, _ in plan.values()} | {depth[e] for e in watch})
+        K, shadow = max(k for _, k in plan.values()), {}
         for a, b in zip(depths, depths[1:] + [L]):
-            out = self.run(a, b, 'final' if b == L else None, {r: c for r, c in chunks.items() if plan[r][0] <= a},
-                           rows=K if b == L else 1)
-        return out
+            head = 'final' if b == L else self.exit_at[b] if self.exit_at.get(b) in watch else None
+            out = self.run(a, b, head, {r: c for r, c in chunks.items() if plan[r][0] <= a},
+                           rows=1 if head is None else K)
+            if b < L and head is not None:
+                shadow[head] = out[1]
+        return out, shadow
 
     @torch.no_grad()
     def step(self, rules, stop_depth=None, h=None, decided=False):
@@ -450,11 +459,22 @@ class DraftPlan:
     probability a_e gives E = 1 + a_e + ... + a_e^(k-1) tokens (the first rejection ends the
     round with the full model's token) and C counts the bytes a batch-1 round reads: k drafts
     through the exit's blocks and head, one verification through the rest and the final
-    head. a_e is the exit's acceptance so far with an optimistic bonus that shrinks as it is
-    tried (UCB), so every exit gets tried and the best one wins. A draft also stops early
-    when the drafting exit's confidence falls below spec_stop (Kangaroo, arXiv 2404.18911)."""
+    head. a_e is the share of the exit's drafts kept in this sequence, with an optimistic
+    bonus that shrinks as it is tried (UCB), so that every exit gets tried and the best one
+    wins. Exits deeper than the drafting one are judged without drafting from them (DEL's
+    shadow check): the verification runs their heads too, and each position where one's
+    greedy token is the full model's counts as a draft it would have had kept.
 
-    def __init__(self, model, spec_exit, spec_k, spec_stop=None):
+    pooled: (kept, judged) per exit over every sequence of a Decoder (Decoder.drafts),
+    which the plan adds to. A sequence starts from those rates, weighted as PRIOR judged
+    drafts an exit, and then learns from its own (what suits one text may not suit the
+    next); the shadow check runs until WATCH of an exit's drafts have been judged in all. A
+    draft also stops early when the drafting exit's confidence falls below spec_stop
+    (Kangaroo, arXiv 2404.18911)."""
+
+    WATCH, PRIOR = 64, 16
+
+    def __init__(self, model, spec_exit, spec_k, spec_stop=None, pooled=None):
         cfg = model.config
         size = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0
         block, lm = size(next(iter(model.blocks.values()))) / next(iter(model.blocks.values())).width, \
@@ -463,7 +483,10 @@ class DraftPlan:
         heads = [(size(model.exits[str(x.index)]) + (0 if cfg.exit_untie else lm)) / block for x in cfg.exits]
         self.cost = lambda e, k: k * (cfg.exits[e].depth + heads[e]) + cfg.n_layer - cfg.exits[e].depth + lm / block
         self.spec_exit, self.spec_k, self.spec_stop = spec_exit, spec_k, spec_stop
-        self.kept, self.tried = [0] * len(cfg.exits), [0] * len(cfg.exits)
+        self.depth, E = [x.depth for x in cfg.exits], len(cfg.exits)
+        self.pooled = pooled or ([0] * E, [0] * E)
+        w = [min(t, self.PRIOR) / t if t else 0 for t in self.pooled[1]]  # (the prior's weight)
+        self.kept, self.tried = [k * x for k, x in zip(self.pooled[0], w)], [t * x for t, x in zip(self.pooled[1], w)]
 
     def choose(self):
         """(exit index, draft length) for the next round."""
@@ -479,9 +502,16 @@ class DraftPlan:
                     best = (value, e, k)
         return best[1:]
 
-    def update(self, e, kept, tried):
-        self.kept[e] += kept
-        self.tried[e] += tried
+    def update(self, e, kept, judged):
+        for counts in (self.kept, self.tried), self.pooled:
+            counts[0][e] += kept
+            counts[1][e] += judged
+
+    def watching(self, e):
+        """The exits whose heads the verification of a draft from exit e runs as well."""
+        if self.spec_exit != 'auto':
+            return set()
+        return {x for x, d in enumerate(self.depth) if d > self.depth[e] and self.pooled[1][x] < self.WATCH}
 
 
 def check_method(cfg, method, spec_exit, spec_k):
@@ -570,7 +600,8 @@ def run_jobs(dec, take, method='recompute', spec_exit=None, spec_k=4, spec_stop=
             continue
         plan = {}
         for r, j in jobs.items():
-            j.plan = j.plan or DraftPlan(dec.model, spec_exit, spec_k, spec_stop)
+            j.plan = j.plan or DraftPlan(dec.model, spec_exit, spec_k, spec_stop,
+                                         dec.drafts if spec_exit == 'auto' else None)
             plan[r] = j.plan.choose()
         k = {r: kr for r, (_, kr) in plan.items()}
         depth = {r: cfg.exits[e].depth for r, (e, _) in plan.items()}
@@ -594,8 +625,10 @@ def run_jobs(dec, take, method='recompute', spec_exit=None, spec_k=4, spec_stop=
         for r in jobs:
             del dec.tokens[r][n[r]:]
         # verify: the remaining layers for each row's drafted positions in one forward
-        full, best = dec.verify({r: (depth[r], k[r]) for r in jobs})  # (B, K, V): the full model after each
-        best, K = best.tolist(), max(k.values())
+        watch = {r: j.plan.watching(plan[r][0]) for r, j in jobs.items()}
+        (full, best), shadow = dec.verify({r: (depth[r], k[r]) for r in jobs}, set().union(*watch.values()))
+        best, K = best.tolist(), max(k.values())  # (full (B, K, V): the full model after each)
+        shadow = {x: conf.tolist() for x, conf in shadow.items()}
         for later, index in unread:
             for r, (tok, *_) in later().items():
                 drafts[r][index[r]] = tok
@@ -616,7 +649,12 @@ def run_jobs(dec, take, method='recompute', spec_exit=None, spec_k=4, spec_stop=
                 if finished or not ok:
                     break
             job.out['accepted'] += kept
-            job.plan.update(plan[r][0], kept, kept + (kept < k[r]))  # (drafts judged: the kept, the first rejected)
+            judged = kept + (kept < k[r])  # (the kept drafts, the first rejected)
+            job.plan.update(plan[r][0], kept, judged)
+            for x in watch[r]:  # would exit x have drafted these? (its argmax on the same prefix)
+                first = len(shadow[x][r]) - k[r]
+                job.plan.update(x, sum(shadow[x][r][first + j][1] == best[r][K - k[r] + j][1]
+                                       for j in range(judged)), judged)
             if not finished:  # positions past the last committed token are redone
                 del dec.done[r][len(dec.tokens[r]) - 1:]
 

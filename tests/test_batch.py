@@ -1,6 +1,7 @@
 """Batched decoding: every row equals its own batch-1 run and the naive no-cache reference."""
 
 import pytest
+import torch
 
 import decode
 from model import GPT, GPTConfig
@@ -251,21 +252,45 @@ def test_bench_serve_runs_tiny_on_cpu():
     assert [r['clients'] for r in out['runs']] == [1, 3] and all(r['tokens_per_s'] > 0 for r in out['runs'])
 
 
+def final_like_last_exit(model):
+    """The last exit (after block 3 of 4) made to predict as the final head: block 3 and the
+    exit's own block or MLP add nothing (their output matrices are zero), and its norm and
+    output matrix are the final ones. The other exits stay random."""
+    last = str(len(model.config.exits) - 1)
+    with torch.no_grad():
+        for name, p in list(model.blocks['3'].named_parameters()) + list(model.exits[last].named_parameters()):
+            if name.endswith(('attn.o.weight', 'attn.o.bias', 'mlp.down.weight', 'mlp.down.bias')):
+                p.zero_()
+        for name, p in model.exits[last].norm.named_parameters():
+            p.copy_(model.norm_f.get_parameter(name))
+        model.exits[last].out.weight.copy_(model.lm_head.weight)
+    return model
+
+
 @pytest.mark.parametrize('v', VARIANTS, ids=['gpt2-exit_block', 'llama-exit_mlp'])
 def test_adaptive_speculation_equals_full_greedy_and_adapts(v):
     """spec_exit='auto': the full model's greedy tokens exactly, alone and batched, while the
-    drafting exit and the draft length change during the run."""
-    model = peaked_model(v)
+    drafting exit and the draft length change during the run. A fresh decoder starts at the
+    cheapest exit and moves to the deepest, whose drafts are always the full model's tokens,
+    found by the shadow check (the middle exit, random, is judged and never drafted from);
+    the next sequence on the same decoder starts from what the first one learnt."""
+    model = final_like_last_exit(peaked_model(v))
     for spec_stop in (None, 0.6):
         outs = decode.generate_many(model, PROMPTS, 30, 'speculative', spec_exit='auto', spec_k=5,
                                     spec_stop=spec_stop, batch_size=3)
         for p, out in zip(PROMPTS, outs):
             assert out['tokens'] == naive(model, p, 30)[0], (spec_stop, p)
-            alone = decode.generate(model, p, 30, 'speculative', spec_exit='auto', spec_k=5, spec_stop=spec_stop)
-            assert alone['rounds'] == out['rounds']
+        dec = decode.Decoder(model)
+        for i, p in enumerate(PROMPTS):
+            alone = decode.generate(model, p, 30, 'speculative', spec_exit='auto', spec_k=5, spec_stop=spec_stop,
+                                    decoder=dec)
+            assert alone['tokens'] == naive(model, p, 30)[0]
+            layers = [layer for layer, _ in alone['rounds']]
+            assert layers[-1] == 3 and (layers[0] == 1 if i == 0 else set(layers) == {3}), alone['rounds']
+            assert 2 not in layers
+            assert spec_stop is not None or alone['rounds'][-1][1] == 5  # (spec_stop may end a draft early)
         rounds = [r for o in outs for r in o['rounds']]
-        assert len({layer for layer, _ in rounds}) > 1 and len({k for _, k in rounds}) > 1, rounds
-        assert all(1 <= k <= 5 for _, k in rounds)
+        assert len({k for _, k in rounds}) > 1 and all(1 <= k <= 5 for _, k in rounds)
 
 
 def test_draft_plan_prefers_the_exit_that_is_accepted():
