@@ -175,8 +175,8 @@ class Decoder:
         self.call = compile_decode(direct) if compile else direct
         self.max_len, self.captured = 0, {}
         self.tokens, self.done = [None] * batch_size, [None] * batch_size  # per row; None: idle
-        E = len(self.cfg.exits)  # adaptive self-speculation's (kept, judged) drafts per exit, every sequence's:
-        self.drafts = [0] * E, [0] * E  # (DraftPlan)
+        E = len(self.cfg.exits)
+        self.drafts = [0] * E, [0] * E  # adaptive self-speculation's (kept, judged) drafts per exit (DraftPlan)
 
     def reserve(self, n):
         """Room for sequences of n positions: the cache holds n rounded up to a power of two
