@@ -21,8 +21,10 @@ Methods:
   so the deep KV is exactly what a full forward would produce.
 - speculative (self-speculative decoding, LayerSkip, arXiv 2404.16710): draft spec_k tokens
   with the exit spec_exit, then verify them with the remaining layers in one forward that
-  reuses the draft's KV of the shared layers. Greedy output is exactly the full model's;
-  with sampling, the accept/reject rule (accept) keeps the full model's distribution.
+  reuses the draft's KV of the shared layers. Greedy output is exactly the full model's
+  (in float32: in bfloat16 a forward of k positions rounds differently from k forwards of
+  one, and a near-tie can flip); with sampling, the accept/reject rule (accept) keeps the
+  full model's distribution.
 - pipeline (EE-LLM's pipeline-based inference, generate_pipelined, pp > 1): the stage whose
   exit fires sends the token to stage 0 at once; stage 0 starts the next token while later
   stages finish this one's deep layers, so their KV stays complete. Each stage runs its
