@@ -307,8 +307,8 @@ class Decoder:
         K, shadow = max(k for _, k in plan.values()), {}
         for a, b in zip(depths, depths[1:] + [L]):
             head = 'final' if b == L else self.exit_at[b] if self.exit_at.get(b) in watch else None
-            out = self.run(a, b, head, {r: c for r, c in chunks.items() if plan[r][0] <= a},
-                           rows=1 if head is None else K)
+            part = {r: c for r, c in chunks.items() if plan[r][0] <= a}
+            out = self.run(a, b, head, part, rows=1 if head is None else max(e - s for s, e in part.values()))
             if b < L and head is not None:
                 shadow[head] = out[1]
         return out, shadow

@@ -293,6 +293,37 @@ def test_adaptive_speculation_equals_full_greedy_and_adapts(v):
         assert len({k for _, k in rounds}) > 1 and all(1 <= k <= 5 for _, k in rounds)
 
 
+@pytest.mark.parametrize('v', VARIANTS, ids=['gpt2-exit_block', 'llama-exit_mlp'])
+def test_verification_gives_every_watched_exit_its_tokens(v):
+    """Decoder.verify with watched exits, on two rows drafted from different depths with
+    different draft lengths: at every verified position each watched exit's greedy token
+    (the shadow check's) and the final head's are those of a full forward over the same
+    tokens."""
+    model = peaked_model(v)  # exits after blocks 1, 2, 3 of 4
+    inf, prompts = float('inf'), {0: PROMPTS[0], 1: PROMPTS[2]}
+    drafts, plan = {0: [11, 12, 13], 1: [21, 22, 23, 24]}, {0: (1, 3), 1: (3, 4)}  # row: (depth, k)
+    dec = decode.Decoder(model, batch_size=2)
+    dec.start(prompts, 64)
+    n = {r: len(dec.tokens[r]) for r in prompts}
+    for j in range(4):  # drafting: each row's positions through the blocks below its depth
+        rows = [r for r in prompts if j < plan[r][1]]
+        now, later = dec.step({r: (set(), inf, None) for r in rows}, stop_depth={r: plan[r][0] for r in rows})
+        later()
+        for r in rows:
+            dec.tokens[r].append(drafts[r][j])  # (the next step's input: any token, verification is teacher-forced)
+    for r in prompts:
+        del dec.tokens[r][n[r]:]
+    (_, best), shadow = dec.verify(plan, watch={1, 2})
+    assert set(shadow) == {1, 2}  # exits after blocks 2 and 3: only row 0 passes them
+    for r, (d, k) in plan.items():
+        seq = prompts[r] + drafts[r][:k - 1]
+        logits, exits = model(torch.tensor([seq]), exits=True)
+        assert best[r, -k:, 1].tolist() == logits[0, -k:].argmax(-1).tolist()
+        if r == 0:
+            for x in (1, 2):
+                assert shadow[x][r, -k:, 1].tolist() == exits[x][0, -k:].argmax(-1).tolist(), x
+
+
 def test_draft_plan_prefers_the_exit_that_is_accepted():
     """The plan starts at the cheapest exit, leaves it when its drafts are rejected, and
     settles on long drafts from the exit whose drafts are kept; a fixed exit drafts spec_k."""
