@@ -465,7 +465,8 @@ class DraftPlan:
     bonus that shrinks as it is tried (UCB), so that every exit gets tried and the best one
     wins. Exits deeper than the drafting one are judged without drafting from them (DEL's
     shadow check): the verification runs their heads too, and each position where one's
-    greedy token is the full model's counts as a draft it would have had kept.
+    greedy token is the full model's counts as a draft it would have had kept (under
+    sampling, an estimate).
 
     pooled: (kept, judged) per exit over every sequence of a Decoder (Decoder.drafts),
     which the plan adds to. A sequence starts from those rates, weighted as PRIOR judged
