@@ -146,11 +146,11 @@ def first_firing(p_max, thresholds):
     return fire & (fire.cumsum(1) == 1)
 
 
-def threshold_losses(model, batches, iters, ctx, thresholds):
-    """The confidence rule on train.evaluate's val batches: each position is scored by the CE
-    of the first exit (in depth order) whose max probability >= threshold, else of the final
-    head. Returns (the final head's loss, [loss per threshold])."""
-    p_max, _, ce = head_records(model, batches, iters, ctx)
+def threshold_losses(records, thresholds):
+    """The confidence rule on head_records of train.evaluate's val batches: each position is
+    scored by the CE of the first exit (in depth order) whose max probability >= threshold,
+    else of the final head. Returns (the final head's loss, [loss per threshold])."""
+    p_max, _, ce = records
     losses = (first_firing(p_max, list(thresholds)) * ce[None]).sum((1, 2)).double() / ce.size(1)
     return ce[-1].double().mean().item(), losses.tolist()
 
@@ -362,7 +362,8 @@ def frontier(cfg, ps, dev, data, data_meta, ctx):
         with open(cfg['beside']) as f:
             beside = _json.load(f)
     batches = Batches(data, cfg['batch_size'], mc.block_size, seed=cfg['seed'], device=dev)
-    final, losses = threshold_losses(model, batches, cfg['eval_iters'], ctx, ths)
+    records = head_records(model, batches, cfg['eval_iters'], ctx)  # (the calibration's too)
+    final, losses = threshold_losses(records, ths)
     tokens = cfg['eval_iters'] * cfg['batch_size'] * mc.block_size
     print(f'val loss per threshold on {tokens:,} tokens: {time.time() - t0:.1f} s')
     g = torch.Generator().manual_seed(cfg['seed'])
@@ -385,7 +386,7 @@ def frontier(cfg, ps, dev, data, data_meta, ctx):
     spec = spec + ['auto'] if spec else []
     speculative = [dict(method='speculative', spec_exit=L if L == 'auto' else mc.exit_index(L), spec_k=cfg['spec_k'],
                         spec_stop=cfg['spec_stop']) for L in spec]
-    calibrated = calibration(cfg, dev, data, ctx, model) if cfg['calibrate'] is not None else []
+    calibrated = calibration(cfg, dev, data, ctx, model, records) if cfg['calibrate'] is not None else []
     ref, full_tok_s = speed(policies[0])
     rows = []
     for th, loss, kw in zip([None] + ths, [final] + losses, policies):
@@ -425,13 +426,14 @@ def frontier(cfg, ps, dev, data, data_meta, ctx):
     return result
 
 
-def calibration(cfg, dev, data, ctx, model=None):
+def calibration(cfg, dev, data, ctx, model=None, records=None):
     """--calibrate=EPS (or a list of them): on val positions split at random into calibration
     and test halves, the loosest global threshold that Learn-then-Test certifies (tokens
     differing from the full model's greedy token on <= EPS of them, with probability >= 1 -
     delta), its rate and layer-count speedup on the test half; over calib_splits random
     splits, how often the test rate broke EPS. Returns a list: one result per EPS. model: the
-    checkpoint's, loaded already (in dtype); None: load it."""
+    checkpoint's, loaded already (in dtype), and records its head_records on the val batches;
+    None: load it, compute them."""
     epss, delta = cfg['calibrate'], cfg['delta']
     epss = list(epss) if isinstance(epss, (list, tuple)) else [epss]
     ths = sorted({float(t) for t in cfg['thresholds']}, reverse=True)
@@ -446,8 +448,10 @@ def calibration(cfg, dev, data, ctx, model=None):
     mc = model.config
     if not mc.exit_layers:
         sys.exit(f"calibrate needs a checkpoint with exits; {cfg['out_dir']} has exit_layers=[]")
-    batches = Batches(data, cfg['batch_size'], mc.block_size, seed=cfg['seed'], device=dev)
-    p_max, best, _ = head_records(model, batches, cfg['eval_iters'], ctx)
+    if records is None:
+        records = head_records(model, Batches(data, cfg['batch_size'], mc.block_size, seed=cfg['seed'], device=dev),
+                               cfg['eval_iters'], ctx)
+    p_max, best, _ = records
     depths, N, results = list(mc.exit_depths) + [mc.n_layer], p_max.size(1), []
     for eps in epss:
         g, splits = torch.Generator().manual_seed(cfg['seed']), []
