@@ -253,9 +253,9 @@ def test_bench_serve_runs_tiny_on_cpu():
 
 
 def final_like_last_exit(model):
-    """The last exit (after block 3 of 4) made to predict as the final head: block 3 and the
-    exit's own block or MLP add nothing (their output matrices are zero), and its norm and
-    output matrix are the final ones. The other exits stay random."""
+    """The last exit (after 3 of the 4 blocks) made to predict as the final head: the last
+    block (blocks['3']) and the exit's own block or MLP add nothing (their output matrices are
+    zero), and its norm and output matrix are the final ones. The other exits stay random."""
     last = str(len(model.config.exits) - 1)
     with torch.no_grad():
         for name, p in list(model.blocks['3'].named_parameters()) + list(model.exits[last].named_parameters()):
