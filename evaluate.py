@@ -234,7 +234,8 @@ def next_line_em(model, tasks, decode, nl, policies):
 @torch.no_grad()
 def timed(model, prompts, n, dev, repeats, decoder, **kw):
     """generate() with decoder on every prompt, batch 1, `repeats` times each. Returns (outputs,
-    decode tokens/s: the tokens over the wall clock of each prompt's fastest run less its prefill)."""
+    decode tokens/s: the tokens over the wall clock of each prompt's fastest run less its prefill,
+    those seconds per prompt)."""
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.startswith('cuda') else (lambda: None)
 
     def clock(fn):
@@ -244,14 +245,14 @@ def timed(model, prompts, n, dev, repeats, decoder, **kw):
         sync()
         return time.perf_counter() - t0, out
 
-    outs, seconds = [], 0.0
+    outs, seconds = [], []
     for p in prompts:
         runs = [clock(lambda: generate(model, p, n, stop=None, decoder=decoder, **kw))
                 for _ in range(repeats)]  # (the first warms up)
         prefill = min(clock(lambda: decoder.start({0: p}, decoder.max_len))[0] for _ in range(repeats))
         outs.append(runs[-1][1])
-        seconds += min(t for t, _ in runs) - prefill
-    return outs, sum(len(o['tokens']) for o in outs) / seconds
+        seconds.append(min(t for t, _ in runs) - prefill)
+    return outs, sum(len(o['tokens']) for o in outs) / sum(seconds), seconds
 
 
 def decode_row(name, outs, ref, tok_s, full_tok_s, names):
@@ -264,6 +265,20 @@ def decode_row(name, outs, ref, tok_s, full_tok_s, names):
     return dict(dict.fromkeys(COLUMNS), name=name, tokens_per_s=tok_s, speedup=tok_s / full_tok_s, agreement=agreement,
                 mean_depth=mean_depth, layer_speedup=max(names) / mean_depth,  # (max(names): n_layer)
                 shares={label: depths.count(d) / len(depths) for d, label in names.items()})
+
+
+def best_exit_per_prompt(rows, tokens, full_tok_s):
+    """The fastest fixed drafting exit of each prompt, picked after the fact from the
+    self-speculative rows: how fast a choice of exit per sequence could be at best, the
+    reference for the adaptive row. None without two fixed exits."""
+    fixed = [r for r in rows if r['policy'] == 'speculative' and r['spec_exit'] != 'auto']
+    if len(fixed) < 2:
+        return None
+    pick = [min(fixed, key=lambda r: r['prompt_seconds'][i]) for i in range(len(fixed[0]['prompt_seconds']))]
+    tok_s = tokens / sum(r['prompt_seconds'][i] for i, r in enumerate(pick))
+    print(f'the fastest fixed exit of each prompt, picked after the fact: {tok_s:.1f} tokens/s, '
+          f'{tok_s / full_tok_s:.2f}x (exits {[r["spec_exit"] for r in pick]})')
+    return {'exits': [r['spec_exit'] for r in pick], 'tokens_per_s': tok_s, 'speedup': tok_s / full_tok_s}
 
 
 def exit_view(pieces, depths, exit_depths):
@@ -387,10 +402,10 @@ def frontier(cfg, ps, dev, data, data_meta, ctx):
     speculative = [dict(method='speculative', spec_exit=L if L == 'auto' else mc.exit_index(L), spec_k=cfg['spec_k'],
                         spec_stop=cfg['spec_stop']) for L in spec]
     calibrated = calibration(cfg, dev, data, ctx, model, records) if cfg['calibrate'] is not None else []
-    ref, full_tok_s = speed(policies[0])
+    ref, full_tok_s, _ = speed(policies[0])
     rows = []
     for th, loss, kw in zip([None] + ths, [final] + losses, policies):
-        outs, tok_s = (ref, full_tok_s) if th is None else speed(kw)
+        outs, tok_s, _ = (ref, full_tok_s, None) if th is None else speed(kw)
         r = decode_row('full' if th is None else f'{th:.2f}', outs, ref, tok_s, full_tok_s, names)
         r.update(policy='full' if th is None else 'early exit', threshold=th, val_loss=loss, val_ppl=math.exp(loss),
                  ppl_change=math.exp(loss - final) - 1)
@@ -399,14 +414,15 @@ def frontier(cfg, ps, dev, data, data_meta, ctx):
         print(f"{r['name']}: val perplexity {r['val_ppl']:.3f} ({r['ppl_change']:+.2%}), {tok_s:.1f} tokens/s, "
               f'{time.time() - t0:.1f} s elapsed')
     for L, kw in zip(spec, speculative):  # LayerSkip: draft with exit L, verify with the rest
-        outs, tok_s = speed(kw)
+        outs, tok_s, seconds = speed(kw)
         r = decode_row(f'spec exit {L}', outs, ref, tok_s, full_tok_s, names)
-        r.update(policy='speculative', spec_exit=L, mean_depth=None, layer_speedup=None,
+        r.update(policy='speculative', spec_exit=L, mean_depth=None, layer_speedup=None, prompt_seconds=seconds,
                  acceptance=sum(o['accepted'] for o in outs) / max(1, sum(o['drafted'] for o in outs)),
                  identical=all(o['tokens'] == x['tokens'] for o, x in zip(outs, ref)))
         rows.append(r)
         print(f"{r['name']}: {tok_s:.1f} tokens/s, identical to full: {r['identical']}, "
               f'{time.time() - t0:.1f} s elapsed')
+    oracle = best_exit_per_prompt(rows, sum(len(o['tokens']) for o in ref), full_tok_s)
     # quality only: not compiled (the prompts' lengths vary up to block_size; each size would compile anew)
     for r, em in zip(rows, next_line_em(model, tasks, decode, nl, [dict(kw, decoder=plain) for kw in policies])):
         r['next_line_em'] = em
@@ -418,7 +434,7 @@ def frontier(cfg, ps, dev, data, data_meta, ctx):
     prefix = cfg['report'] or os.path.join(cfg['out_dir'], 'frontier')
     result = {'out_dir': cfg['out_dir'], 'tokens': tokens, 'prompts': cfg['prompts'], 'prompt_len': plen,
               'gen_tokens': n, 'lines': len(tasks), 'best': best and best['threshold'], 'rows': rows,
-              'calibrated': calibrated}
+              'calibrated': calibrated, 'best_exit_per_prompt': oracle}
     view = exits_view(model, prompts[0], n, best['threshold'] if best else 0.8, decode, plain) if decode else None
     write_report(prefix, result, names, f"{cfg['out_dir']}: {mc.n_layer} blocks, exits {list(mc.exit_layers)}", view,
                  beside)

@@ -98,6 +98,12 @@ def test_generation_rows(sweep):
     for r in rows[-3:]:
         assert r['identical'] is True and r['agreement'] == 1.0 and 0 <= r['acceptance'] <= 1
     assert result['best'] in THRESHOLDS
+    # the fastest fixed exit of each prompt: no slower than either fixed exit over all prompts
+    fixed, pick = rows[-3:-1], result['best_exit_per_prompt']
+    secs = [min(r['prompt_seconds'][i] for r in fixed) for i in range(len(fixed[0]['prompt_seconds']))]
+    assert pick['exits'] == [min(fixed, key=lambda r: r['prompt_seconds'][i])['spec_exit'] for i in range(len(secs))]
+    assert pick['tokens_per_s'] == pytest.approx(result['gen_tokens'] * len(secs) / sum(secs))
+    assert pick['speedup'] >= max(r['speedup'] for r in fixed) - 1e-9
 
 
 def test_report_files(sweep):
