@@ -24,9 +24,11 @@ probability reaches it) and each drafting exit: val perplexity (each position sc
 head it leaves at), greedy agreement with the full model on `prompts` val windows, next-line
 exact match on `lines` function-body lines of the val text, and batch-1 decoding speed:
 tokens/s, speedup over full, tokens per exit, layer-count speedup. It names the fastest
-threshold within 1% of the full model's perplexity and writes <report>.csv, .json, .png
-(with matplotlib) and .exits.txt (which tokens left early). Everything runs in `dtype`
-(bfloat16 on CUDA, float32 on CPU by default), decoding as generate.py's does.
+threshold within 1% of the full model's perplexity and the fastest fixed drafting exit of
+each prompt, picked after the fact (what choosing an exit per sequence could reach), and
+writes <report>.csv, .json, .png (with matplotlib) and .exits.txt (which tokens left
+early). Everything runs in `dtype` (bfloat16 on CUDA, float32 on CPU by default), decoding as
+generate.py's does.
 
 --calibrate=EPS picks, among `thresholds`, the loosest whose greedy tokens differ from the
 full model's on at most EPS of the positions with probability >= 1 - delta over the
