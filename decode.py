@@ -466,7 +466,8 @@ class DraftPlan:
     wins. Exits deeper than the drafting one are judged without drafting from them (DEL's
     shadow check): the verification runs their heads too, and each position where one's
     greedy token is the full model's counts as a draft it would have had kept (under
-    sampling, an estimate).
+    sampling, an estimate). A shallower exit is judged only when it drafts, which its
+    bonus brings about in time; until then a plan can stay on a deeper exit.
 
     pooled: (kept, judged) per exit over every sequence of a Decoder (Decoder.drafts),
     which the plan adds to. A sequence starts from those rates, weighted as PRIOR judged
